@@ -1,0 +1,532 @@
+//! `telemetry-wal`: a durable, ordered append log on sled.
+//!
+//! Producers [`Appender::append`] opaque records; one writer thread gathers everything queued (group commit),
+//! writes it as a few sled values, makes it durable with one flush plus an `fdatasync` of sled's data file,
+//! and only then answers every waiter with the record's sequence number. Readers see durable records only,
+//! in sequence order, through [`Wal::read_after`], and keep their position in named, persisted cursors.
+//! [`Wal::truncate`] drops what every gating cursor has passed.
+//!
+//! Vocabulary: a *record* is one payload with its `seq`; a *chunk* is the sled value that holds a run of
+//! consecutive records (keyed by its first seq, big-endian, so sled iterates in order); a *group commit*
+//! writes one or more chunks with one flush.
+
+mod chunk;
+mod error;
+mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use error::WalError;
+
+use chunk::Chunk;
+use writer::{Request, Writer};
+
+/// When an append counts as durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge only after the group's flush and `fdatasync` returned: an acked record survives a
+    /// process crash and a power cut.
+    Fsync,
+    /// Acknowledge once the record is in sled's memory; a flusher makes it durable every `interval_ms`.
+    /// A crash (of the process or the machine) loses the records acked in the last `interval_ms` plus the
+    /// duration of one flush. Their sequence numbers are never handed out again.
+    Interval { interval_ms: u64 },
+}
+
+/// How to open a WAL.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    pub durability: Durability,
+    /// Appends fail with [`WalError::Full`] while the directory uses this many bytes on disk and the
+    /// records stored are at least a quarter of it. (sled does not give back the space of truncated records
+    /// to the file system; it reuses it. So after truncation the directory may stay at the cap while new
+    /// records are taken again.)
+    pub max_bytes: u64,
+    /// sled's page cache, in bytes of on-disk representation.
+    pub cache_bytes: u64,
+    /// The cursors that must pass a record before [`Wal::truncate`] may drop it. With none, nothing is
+    /// ever truncated and the WAL keeps everything up to `max_bytes`.
+    pub gating_cursors: Vec<String>,
+    /// The first sequence number of a new WAL (ignored when the WAL already exists).
+    pub first_seq: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            durability: Durability::Fsync,
+            max_bytes: 8 << 30,
+            cache_bytes: 64 << 20,
+            gating_cursors: Vec::new(),
+            first_seq: 1,
+        }
+    }
+}
+
+/// The largest payload one record may carry. Bounded so that a sled leaf (at most 17 values) never
+/// exceeds sled's blob threshold: sled writes blobs to separate files that it never fsyncs.
+pub const MAX_RECORD_BYTES: usize = 112 * 1024;
+
+/// sled's log segment size. A message larger than a quarter of it becomes a blob (see above).
+const SEGMENT_BYTES: usize = 8 << 20;
+
+/// One durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch at which the group holding this record was written.
+    pub appended_at_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+/// A point-in-time view of the WAL.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// The oldest record still stored, if any.
+    pub first_seq: Option<u64>,
+    /// The newest durable record ever written (0 if none).
+    pub last_seq: u64,
+    /// What the directory uses on disk (allocated blocks), as of the last group commit or truncation.
+    pub disk_bytes: u64,
+    /// Encoded bytes of the records stored; sled needs roughly 2-3 times this on disk.
+    pub live_bytes: u64,
+    pub max_bytes: u64,
+    /// Group commits written since open.
+    pub group_commits: u64,
+    /// `fdatasync` calls on sled's data file since open.
+    pub data_syncs: u64,
+}
+
+/// A WAL opened by this process. Cheap to clone; every clone is the same log.
+#[derive(Clone)]
+pub struct Wal {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    records: sled::Tree,
+    cursors: sled::Tree,
+    meta: sled::Tree,
+    shared: Arc<Shared>,
+    options: WalOptions,
+    tx: mpsc::Sender<Request>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Held for the life of the WAL: a second process fails to take it.
+    _lock: nix::fcntl::Flock<File>,
+}
+
+/// State the writer thread and the readers share.
+struct Shared {
+    /// The newest durable seq; readers never see past it.
+    durable_seq: watch::Sender<u64>,
+    /// The newest seq written to sled (interval mode: not yet durable until the flusher runs).
+    appended_seq: AtomicU64,
+    /// Set when the writer has stopped; the interval flusher stops too.
+    closing: AtomicBool,
+    disk_bytes: AtomicU64,
+    /// Bytes of the chunks currently stored (persisted in `meta` with every write).
+    live_bytes: AtomicU64,
+    group_commits: AtomicU64,
+    data_syncs: AtomicU64,
+    /// sled's data file, opened by us so that we can `fdatasync` it (fsync works per inode).
+    data_file: File,
+    dir: PathBuf,
+}
+
+const META_HIGH_WATER: &[u8] = b"high_water";
+const META_SEQ_LEASE: &[u8] = b"seq_lease";
+const META_LIVE_BYTES: &[u8] = b"live_bytes";
+const LABEL_PREFIX: &[u8] = b"label/";
+const LOCK_FILE: &str = "wal.lock";
+/// Requests waiting for the writer; beyond this, `append` waits (backpressure).
+const QUEUE_CAPACITY: usize = 16 * 1024;
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir`. Fails with [`WalError::Locked`] when another process has it
+    /// open and with [`WalError::Corrupt`] when sled or our checksums find damage.
+    pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<Wal, WalError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| WalError::io(&dir, "create the WAL directory", e))?;
+        let lock = take_lock(&dir)?;
+        let db = sled::Config::new()
+            .path(dir.join("sled"))
+            .cache_capacity(options.cache_bytes)
+            .segment_size(SEGMENT_BYTES)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| WalError::sled(&dir, "open sled", e))?;
+        let open_tree = |name: &str| db.open_tree(name).map_err(|e| WalError::sled(&dir, "open a tree", e));
+        let records = open_tree("records")?;
+        let cursors = open_tree("cursors")?;
+        let meta = open_tree("meta")?;
+        let data_path = dir.join("sled").join("db");
+        let data_file = File::open(&data_path).map_err(|e| WalError::io(&data_path, "open sled's data file", e))?;
+        // The files sled just created must survive a power cut too.
+        sync_dir(&dir.join("sled"))?;
+        sync_dir(&dir)?;
+
+        let last_seq = last_durable_seq(&records, &meta, &dir)?;
+        let live_bytes = meta
+            .get(META_LIVE_BYTES)
+            .map_err(|e| WalError::sled(&dir, "read WAL metadata", e))?
+            .map_or(0, |v| be_u64(&v));
+        let next_seq = last_seq.map_or(options.first_seq.max(1), |s| s + 1);
+        let (durable_seq, _) = watch::channel(next_seq - 1);
+        let shared = Arc::new(Shared {
+            durable_seq,
+            appended_seq: AtomicU64::new(next_seq - 1),
+            closing: AtomicBool::new(false),
+            disk_bytes: AtomicU64::new(0),
+            live_bytes: AtomicU64::new(live_bytes),
+            group_commits: AtomicU64::new(0),
+            data_syncs: AtomicU64::new(0),
+            data_file,
+            dir: dir.clone(),
+        });
+        shared.refresh_disk_bytes();
+
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let writer = Writer::new(db.clone(), records.clone(), meta.clone(), shared.clone(), &options, next_seq, rx);
+        let mut threads = vec![std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| WalError::io(&dir, "spawn the WAL writer thread", e))?];
+        if let Durability::Interval { interval_ms } = options.durability {
+            let (db, shared) = (db.clone(), shared.clone());
+            let flusher = move || writer::interval_flusher(db, shared, interval_ms);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("wal-flusher".into())
+                    .spawn(flusher)
+                    .map_err(|e| WalError::io(&dir, "spawn the WAL flusher thread", e))?,
+            );
+        }
+        tracing::info!(dir = %dir.display(), next_seq, durability = ?options.durability, "WAL open");
+        Ok(Wal {
+            inner: Arc::new(Inner {
+                dir,
+                db,
+                records,
+                cursors,
+                meta,
+                shared,
+                options,
+                tx,
+                threads: Mutex::new(threads),
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// A handle for producers.
+    pub fn appender(&self) -> Appender {
+        Appender { tx: self.inner.tx.clone() }
+    }
+
+    /// Up to `max_records` durable records with `seq > after`, in order.
+    pub fn read_after(&self, after: u64, max_records: usize) -> Result<Vec<Record>, WalError> {
+        let durable = *self.inner.shared.durable_seq.borrow();
+        let mut out = Vec::new();
+        if after >= durable || max_records == 0 {
+            return Ok(out);
+        }
+        let from = after + 1;
+        // The chunk holding `from` starts at or before it.
+        let start = match self.inner.records.range(..=from.to_be_bytes()).next_back() {
+            Some(entry) => entry.map_err(|e| self.sled_err("read the WAL", e))?.0,
+            None => sled::IVec::from(&from.to_be_bytes()),
+        };
+        for entry in self.inner.records.range(start..) {
+            let (key, value) = entry.map_err(|e| self.sled_err("read the WAL", e))?;
+            let chunk = Chunk::decode(&key, &value).map_err(|reason| self.corrupt(&key, reason))?;
+            for (seq, payload) in chunk.records() {
+                if seq > durable || out.len() == max_records {
+                    return Ok(out);
+                }
+                if seq >= from {
+                    out.push(Record { seq, appended_at_ms: chunk.appended_at_ms, payload: payload.to_vec() });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest durable seq, and a way to wait for it to move.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.shared.durable_seq.subscribe()
+    }
+
+    /// The last seq the named cursor has passed (0 if it was never set).
+    pub fn cursor(&self, name: &str) -> Result<u64, WalError> {
+        let value = self.inner.cursors.get(name).map_err(|e| self.sled_err("read a cursor", e))?;
+        Ok(value.map_or(0, |v| be_u64(&v)))
+    }
+
+    /// Moves the named cursor to `seq`. Persisted with the next flush (group commit, truncation or
+    /// [`Wal::flush`]); after a crash a cursor may be found behind, never ahead.
+    pub fn set_cursor(&self, name: &str, seq: u64) -> Result<(), WalError> {
+        self.inner.cursors.insert(name, &seq.to_be_bytes()).map_err(|e| self.sled_err("write a cursor", e))?;
+        Ok(())
+    }
+
+    /// A small persisted string under `name` (the agent keeps its identity here).
+    pub fn label(&self, name: &str) -> Result<Option<String>, WalError> {
+        let value = self.inner.meta.get(label_key(name)).map_err(|e| self.sled_err("read a label", e))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Sets a label and makes it durable before returning.
+    pub fn set_label(&self, name: &str, value: &str) -> Result<(), WalError> {
+        self.inner.meta.insert(label_key(name), value.as_bytes()).map_err(|e| self.sled_err("write a label", e))?;
+        self.flush()
+    }
+
+    /// Flushes everything written so far (cursors included) and syncs it to disk.
+    pub fn flush(&self) -> Result<(), WalError> {
+        self.inner.db.flush().map_err(|e| self.sled_err("flush", e))?;
+        self.inner.shared.sync_data()
+    }
+
+    /// Drops every chunk whose records all gating cursors have passed, and returns how many records went.
+    /// With no gating cursors it does nothing.
+    pub fn truncate(&self) -> Result<u64, WalError> {
+        let mut upto = u64::MAX;
+        for name in &self.inner.options.gating_cursors {
+            upto = upto.min(self.cursor(name)?);
+        }
+        if self.inner.options.gating_cursors.is_empty() {
+            return Ok(0);
+        }
+        let durable = *self.inner.shared.durable_seq.borrow();
+        upto = upto.min(durable);
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        let mut freed_bytes = 0;
+        let mut chunks = self.inner.records.range(..=upto.to_be_bytes()).peekable();
+        while let Some(entry) = chunks.next() {
+            let (key, value) = entry.map_err(|e| self.sled_err("scan the WAL", e))?;
+            // A chunk ends where the next one starts; the last one ends at the durable seq.
+            let next_first = match chunks.peek() {
+                Some(Ok((next, _))) => be_u64(next),
+                _ => self.next_chunk_first(&key)?.unwrap_or(durable + 1),
+            };
+            if next_first - 1 > upto {
+                break;
+            }
+            removed += next_first - be_u64(&key);
+            freed_bytes += value.len() as u64;
+            batch.remove(key);
+        }
+        if removed == 0 {
+            return Ok(0);
+        }
+        // Keep the high-water mark first: with every record gone, it is what keeps seqs from restarting.
+        self.inner
+            .meta
+            .insert(META_HIGH_WATER, &durable.to_be_bytes())
+            .map_err(|e| self.sled_err("write the high-water mark", e))?;
+        self.inner.records.apply_batch(batch).map_err(|e| self.sled_err("truncate", e))?;
+        let live = self.inner.shared.live_bytes.fetch_sub(freed_bytes, Ordering::Relaxed).saturating_sub(freed_bytes);
+        self.inner.meta.insert(META_LIVE_BYTES, &live.to_be_bytes()).map_err(|e| self.sled_err("write metadata", e))?;
+        self.flush()?;
+        self.inner.shared.refresh_disk_bytes();
+        tracing::debug!(records = removed, upto, "WAL truncated");
+        Ok(removed)
+    }
+
+    pub fn stats(&self) -> Result<WalStats, WalError> {
+        let shared = &self.inner.shared;
+        let first_seq = match self.inner.records.first().map_err(|e| self.sled_err("read the WAL", e))? {
+            Some((key, _)) => Some(be_u64(&key)),
+            None => None,
+        };
+        Ok(WalStats {
+            first_seq,
+            last_seq: *shared.durable_seq.borrow(),
+            disk_bytes: shared.disk_bytes.load(Ordering::Relaxed),
+            live_bytes: shared.live_bytes.load(Ordering::Relaxed),
+            max_bytes: self.inner.options.max_bytes,
+            group_commits: shared.group_commits.load(Ordering::Relaxed),
+            data_syncs: shared.data_syncs.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Stops the writer after it has answered everything queued, flushes and syncs. Appends after this
+    /// fail with [`WalError::Closed`]. The database itself closes when the last clone is dropped.
+    pub fn close(&self) -> Result<(), WalError> {
+        // The writer drains its queue and exits when it sees `Close`; a full queue makes us wait, as it should.
+        let _ = self.inner.tx.blocking_send(Request::Close);
+        let threads: Vec<_> = match self.inner.threads.lock() {
+            Ok(mut threads) => threads.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        };
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("a WAL thread panicked");
+            }
+        }
+        self.flush()
+    }
+
+    fn next_chunk_first(&self, key: &[u8]) -> Result<Option<u64>, WalError> {
+        let mut after =
+            self.inner.records.range::<&[u8], _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded));
+        match after.next() {
+            Some(entry) => Ok(Some(be_u64(&entry.map_err(|e| self.sled_err("scan the WAL", e))?.0))),
+            None => Ok(None),
+        }
+    }
+
+    fn sled_err(&self, what: &'static str, e: sled::Error) -> WalError {
+        WalError::sled(&self.inner.dir, what, e)
+    }
+
+    fn corrupt(&self, key: &[u8], reason: String) -> WalError {
+        WalError::Corrupt { dir: self.inner.dir.clone(), detail: format!("chunk at seq {}: {reason}", be_u64(key)) }
+    }
+}
+
+/// A producer's handle: cheap to clone.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<Request>,
+}
+
+/// An append the writer has accepted; resolves once the record is durable (per the durability mode).
+#[must_use = "an append is not durable until its Pending resolves"]
+pub struct Pending(oneshot::Receiver<Result<u64, WalError>>);
+
+impl Appender {
+    /// Queues `payload`, waiting for room in the queue. The returned [`Pending`] yields the record's seq.
+    pub async fn append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
+        let (request, pending) = Self::request(payload)?;
+        self.tx.send(request).await.map_err(|_| WalError::Closed)?;
+        Ok(pending)
+    }
+
+    /// [`Appender::append`] for threads outside an async runtime.
+    pub fn blocking_append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
+        let (request, pending) = Self::request(payload)?;
+        self.tx.blocking_send(request).map_err(|_| WalError::Closed)?;
+        Ok(pending)
+    }
+
+    fn request(payload: Vec<u8>) -> Result<(Request, Pending), WalError> {
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(WalError::TooLarge { len: payload.len(), max: MAX_RECORD_BYTES });
+        }
+        let (reply, rx) = oneshot::channel();
+        Ok((Request::Append { payload, reply }, Pending(rx)))
+    }
+}
+
+impl Pending {
+    /// Waits until the record is durable and returns its seq.
+    pub async fn durable(self) -> Result<u64, WalError> {
+        self.0.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// [`Pending::durable`] for threads outside an async runtime.
+    pub fn blocking_durable(self) -> Result<u64, WalError> {
+        self.0.blocking_recv().map_err(|_| WalError::Closed)?
+    }
+}
+
+impl Shared {
+    fn sync_data(&self) -> Result<(), WalError> {
+        self.data_file.sync_data().map_err(|e| WalError::io(&self.dir, "fdatasync sled's data file", e))?;
+        self.data_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Re-reads what the directory uses on disk (allocated blocks, so sparse and punched files count right).
+    fn refresh_disk_bytes(&self) {
+        self.disk_bytes.store(dir_disk_bytes(&self.dir), Ordering::Relaxed);
+    }
+}
+
+fn dir_disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(m) if m.is_dir() => dir_disk_bytes(&entry.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn take_lock(dir: &Path) -> Result<nix::fcntl::Flock<File>, WalError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| WalError::io(&path, "open the lock file", e))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((mut file, _)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(WalError::Locked { dir: dir.to_path_buf(), holder: holder.trim().to_string() });
+        }
+    };
+    let pid = std::process::id().to_string();
+    lock.set_len(0)
+        .and_then(|_| lock.rewind())
+        .and_then(|_| lock.write_all(pid.as_bytes()))
+        .map_err(|e| WalError::io(&path, "write the lock file", e))?;
+    Ok(lock)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| WalError::io(dir, "fsync the directory", e))
+}
+
+/// The newest seq ever made durable: the end of the last chunk, or the high-water mark kept by truncation,
+/// or the lease taken in interval mode, whichever is largest. `None` for a new WAL.
+fn last_durable_seq(records: &sled::Tree, meta: &sled::Tree, dir: &Path) -> Result<Option<u64>, WalError> {
+    let from_records = match records.last().map_err(|e| WalError::sled(dir, "read the WAL", e))? {
+        Some((key, value)) => {
+            let chunk = Chunk::decode(&key, &value).map_err(|reason| WalError::Corrupt {
+                dir: dir.to_path_buf(),
+                detail: format!("last chunk (seq {}): {reason}", be_u64(&key)),
+            })?;
+            Some(chunk.last_seq())
+        }
+        None => None,
+    };
+    let meta_u64 = |key: &[u8]| -> Result<Option<u64>, WalError> {
+        Ok(meta.get(key).map_err(|e| WalError::sled(dir, "read WAL metadata", e))?.map(|v| be_u64(&v)))
+    };
+    let candidates = [from_records, meta_u64(META_HIGH_WATER)?, meta_u64(META_SEQ_LEASE)?];
+    Ok(candidates.into_iter().flatten().max())
+}
+
+fn label_key(name: &str) -> Vec<u8> {
+    [LABEL_PREFIX, name.as_bytes()].concat()
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    let n = bytes.len().min(8);
+    buf[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(buf)
+}

@@ -1,0 +1,220 @@
+//! The group-commit writer: one thread drains the request queue, writes everything it got with one
+//! flush, then answers every waiter.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::chunk::Chunk;
+use crate::{Durability, Shared, WalError, WalOptions, META_LIVE_BYTES, META_SEQ_LEASE};
+
+pub(crate) enum Request {
+    Append { payload: Vec<u8>, reply: oneshot::Sender<Result<u64, WalError>> },
+    Close,
+}
+
+/// Bounds on one group commit: enough to amortise a flush, small enough to keep latency and memory low.
+const MAX_GROUP_RECORDS: usize = 8192;
+const MAX_GROUP_BYTES: usize = 8 << 20;
+/// Records are packed into sled values of about this size (see `MAX_RECORD_BYTES` for the upper bound).
+const CHUNK_TARGET_BYTES: usize = 32 * 1024;
+/// See `WalOptions::max_bytes`.
+const LIVE_FRACTION_AT_CAP: u64 = 4;
+/// In interval mode, seqs are leased durably this many at a time so that none is handed out twice.
+const LEASE_STEP: u64 = 1 << 20;
+
+pub(crate) struct Writer {
+    db: sled::Db,
+    records: sled::Tree,
+    meta: sled::Tree,
+    shared: Arc<Shared>,
+    durability: Durability,
+    max_bytes: u64,
+    next_seq: u64,
+    /// Seqs below this are covered by a durable lease (interval mode only).
+    leased_until: u64,
+    rx: mpsc::Receiver<Request>,
+}
+
+struct Waiter {
+    len: usize,
+    reply: oneshot::Sender<Result<u64, WalError>>,
+}
+
+impl Writer {
+    pub fn new(
+        db: sled::Db,
+        records: sled::Tree,
+        meta: sled::Tree,
+        shared: Arc<Shared>,
+        options: &WalOptions,
+        next_seq: u64,
+        rx: mpsc::Receiver<Request>,
+    ) -> Writer {
+        Writer {
+            db,
+            records,
+            meta,
+            shared,
+            durability: options.durability,
+            max_bytes: options.max_bytes,
+            next_seq,
+            leased_until: next_seq,
+            rx,
+        }
+    }
+
+    pub fn run(mut self) {
+        let mut payloads: Vec<Vec<u8>> = Vec::new();
+        let mut waiters: Vec<Waiter> = Vec::new();
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut closing = false;
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                match request {
+                    Request::Append { payload, reply } => {
+                        bytes += payload.len();
+                        waiters.push(Waiter { len: payload.len(), reply });
+                        payloads.push(payload);
+                    }
+                    Request::Close => {
+                        closing = true;
+                        break;
+                    }
+                }
+                if payloads.len() < MAX_GROUP_RECORDS && bytes < MAX_GROUP_BYTES {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            if !payloads.is_empty() {
+                self.commit(&mut payloads, &mut waiters);
+            }
+            if closing {
+                break;
+            }
+        }
+        self.shared.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes the group, makes it durable (fsync mode) and answers every waiter.
+    fn commit(&mut self, payloads: &mut Vec<Vec<u8>>, waiters: &mut Vec<Waiter>) {
+        // The cap: refuse what does not fit, in order, and write the rest. sled reuses the space of
+        // truncated records, so a directory at the cap that holds few live records still has room.
+        let used = self.shared.disk_bytes.load(Ordering::Relaxed);
+        let mut live = self.shared.live_bytes.load(Ordering::Relaxed);
+        let mut accepted = Vec::with_capacity(waiters.len());
+        let mut accepted_payloads: Vec<&[u8]> = Vec::with_capacity(payloads.len());
+        for (waiter, payload) in waiters.drain(..).zip(payloads.iter()) {
+            live += waiter.len as u64;
+            let full = used.saturating_add(live.saturating_sub(self.shared.live_bytes.load(Ordering::Relaxed)))
+                >= self.max_bytes
+                && live >= self.max_bytes / LIVE_FRACTION_AT_CAP;
+            if !full {
+                accepted_payloads.push(payload);
+                accepted.push(waiter);
+            } else {
+                live -= waiter.len as u64;
+                let _ = waiter.reply.send(Err(WalError::Full { used, max: self.max_bytes }));
+            }
+        }
+        if !accepted.is_empty() {
+            let first_seq = self.next_seq;
+            let result = self.write(first_seq, &accepted_payloads);
+            match result {
+                Ok(()) => {
+                    for (i, waiter) in accepted.into_iter().enumerate() {
+                        let _ = waiter.reply.send(Ok(first_seq + i as u64));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, records = accepted.len(), first_seq, "WAL group commit failed");
+                    for waiter in accepted {
+                        let _ = waiter.reply.send(Err(e.shared_copy()));
+                    }
+                }
+            }
+        }
+        payloads.clear();
+    }
+
+    fn write(&mut self, first_seq: u64, payloads: &[&[u8]]) -> Result<(), WalError> {
+        let last_seq = first_seq + payloads.len() as u64 - 1;
+        // Seqs are spent even if the write fails: a record may still reach disk, and its seq must stay unique.
+        self.next_seq = last_seq + 1;
+        let dir = &self.shared.dir;
+        if matches!(self.durability, Durability::Interval { .. }) && last_seq >= self.leased_until {
+            // Acked records can be lost in this mode; their seqs must not come back after a restart.
+            let lease = last_seq + LEASE_STEP;
+            self.meta.insert(META_SEQ_LEASE, &lease.to_be_bytes()).map_err(|e| WalError::sled(dir, "lease seqs", e))?;
+            self.db.flush().map_err(|e| WalError::sled(dir, "flush", e))?;
+            self.shared.sync_data()?;
+            self.leased_until = lease;
+        }
+
+        let appended_at_ms = now_ms();
+        let mut batch = sled::Batch::default();
+        let mut chunk_bytes_total = 0u64;
+        let mut chunk_start = 0;
+        let mut chunk_bytes = 0;
+        for (i, payload) in payloads.iter().enumerate() {
+            if i > chunk_start && chunk_bytes + payload.len() > CHUNK_TARGET_BYTES {
+                let key = (first_seq + chunk_start as u64).to_be_bytes();
+                let value = Chunk::encode(appended_at_ms, &payloads[chunk_start..i]);
+                chunk_bytes_total += value.len() as u64;
+                batch.insert(&key, value);
+                chunk_start = i;
+                chunk_bytes = 0;
+            }
+            chunk_bytes += payload.len();
+        }
+        let key = (first_seq + chunk_start as u64).to_be_bytes();
+        let value = Chunk::encode(appended_at_ms, &payloads[chunk_start..]);
+        chunk_bytes_total += value.len() as u64;
+        batch.insert(&key, value);
+        self.records.apply_batch(batch).map_err(|e| WalError::sled(dir, "append", e))?;
+        let live = self.shared.live_bytes.fetch_add(chunk_bytes_total, Ordering::Relaxed) + chunk_bytes_total;
+        self.meta.insert(META_LIVE_BYTES, &live.to_be_bytes()).map_err(|e| WalError::sled(dir, "append", e))?;
+        self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
+
+        match self.durability {
+            Durability::Fsync => {
+                self.db.flush().map_err(|e| WalError::sled(dir, "flush", e))?;
+                // sled's flush is sync_file_range: it does not reach the disk's cache nor metadata.
+                self.shared.sync_data()?;
+                self.shared.durable_seq.send_replace(last_seq);
+                self.shared.refresh_disk_bytes();
+            }
+            Durability::Interval { .. } => {
+                self.shared.appended_seq.store(last_seq, Ordering::Release);
+            }
+        }
+        tracing::trace!(first_seq, records = payloads.len(), "group commit");
+        Ok(())
+    }
+}
+
+/// Interval mode: makes everything appended durable every `interval_ms`, until the writer closes.
+pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u64) {
+    let interval = Duration::from_millis(interval_ms.max(1));
+    while !shared.closing.load(Ordering::Relaxed) {
+        std::thread::sleep(interval);
+        let target = shared.appended_seq.load(Ordering::Acquire);
+        let result = db.flush().map_err(|e| WalError::sled(&shared.dir, "flush", e)).and_then(|_| shared.sync_data());
+        match result {
+            Ok(()) => {
+                if target > *shared.durable_seq.borrow() {
+                    shared.durable_seq.send_replace(target);
+                }
+                shared.refresh_disk_bytes();
+            }
+            Err(e) => tracing::error!(error = %e, "WAL interval flush failed"),
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,343 @@
+//! The WAL against a real sled directory: ordering, persistence, cursors, truncation, the cap, and
+//! crashes of a child process that is killed with SIGKILL while it appends.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use telemetry_wal::{Durability, Wal, WalError, WalOptions, MAX_RECORD_BYTES};
+
+fn open(dir: &std::path::Path, options: WalOptions) -> Wal {
+    Wal::open(dir, options).expect("open WAL")
+}
+
+fn append_all(wal: &Wal, payloads: impl IntoIterator<Item = Vec<u8>>) -> Vec<u64> {
+    let appender = wal.appender();
+    let pending: Vec<_> = payloads.into_iter().map(|p| appender.blocking_append(p).expect("queue")).collect();
+    pending.into_iter().map(|p| p.blocking_durable().expect("durable")).collect()
+}
+
+fn read_all(wal: &Wal) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = wal.read_after(after, 1000).expect("read");
+        let Some(last) = batch.last() else { return out };
+        after = last.seq;
+        out.extend(batch.into_iter().map(|r| (r.seq, r.payload)));
+    }
+}
+
+#[test]
+fn records_keep_their_order_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let payloads: Vec<Vec<u8>> = (0..5000).map(|i| format!("record-{i}").into_bytes()).collect();
+    let seqs = {
+        let wal = open(dir.path(), WalOptions::default());
+        let seqs = append_all(&wal, payloads.clone());
+        wal.close().unwrap();
+        seqs
+    };
+    assert_eq!(seqs, (1..=5000).collect::<Vec<_>>(), "seqs are dense and start at first_seq");
+    let wal = open(dir.path(), WalOptions::default());
+    let stored = read_all(&wal);
+    assert_eq!(stored.len(), 5000);
+    for ((seq, payload), (want_seq, want)) in stored.iter().zip(seqs.iter().zip(&payloads)) {
+        assert_eq!((seq, payload), (want_seq, want));
+    }
+    // Reading from the middle of a chunk starts exactly after the given seq.
+    let mid = wal.read_after(2500, 3).unwrap();
+    assert_eq!(mid.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2501, 2502, 2503]);
+    assert_eq!(mid[0].payload, b"record-2500");
+    // New appends continue the sequence.
+    assert_eq!(append_all(&wal, [b"next".to_vec()]), vec![5001]);
+}
+
+#[test]
+fn first_seq_applies_to_a_new_wal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions { first_seq: 1_000_000, ..WalOptions::default() };
+    {
+        let wal = open(dir.path(), options.clone());
+        assert_eq!(append_all(&wal, [b"a".to_vec()]), vec![1_000_000]);
+        wal.close().unwrap();
+    }
+    let wal = open(dir.path(), WalOptions { first_seq: 5, ..options });
+    assert_eq!(append_all(&wal, [b"b".to_vec()]), vec![1_000_001]);
+}
+
+#[test]
+fn cursors_and_labels_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = open(dir.path(), WalOptions::default());
+        append_all(&wal, (0..10).map(|i| vec![i]));
+        assert_eq!(wal.cursor("mysql").unwrap(), 0);
+        wal.set_cursor("mysql", 7).unwrap();
+        wal.set_cursor("redis", 3).unwrap();
+        wal.set_label("agent_id", "host-a").unwrap();
+        wal.close().unwrap();
+    }
+    let wal = open(dir.path(), WalOptions::default());
+    assert_eq!(wal.cursor("mysql").unwrap(), 7);
+    assert_eq!(wal.cursor("redis").unwrap(), 3);
+    assert_eq!(wal.label("agent_id").unwrap().as_deref(), Some("host-a"));
+    assert_eq!(wal.label("other").unwrap(), None);
+}
+
+#[test]
+fn truncation_waits_for_every_gating_cursor_frees_space_and_keeps_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions { gating_cursors: vec!["mysql".into(), "redis".into()], ..WalOptions::default() };
+    let record = vec![0x5a; 1000];
+    let wal = open(dir.path(), options.clone());
+    let seqs = append_all(&wal, std::iter::repeat_n(record.clone(), 20_000));
+    let last = *seqs.last().unwrap();
+    let full = wal.stats().unwrap().disk_bytes;
+
+    wal.set_cursor("mysql", last).unwrap();
+    assert_eq!(wal.truncate().unwrap(), 0, "redis has not passed anything yet");
+    wal.set_cursor("redis", 10_000).unwrap();
+    let removed = wal.truncate().unwrap();
+    assert!(removed > 9000 && removed <= 10_000, "removed {removed}");
+    assert_eq!(read_all(&wal).first().map(|r| r.0).unwrap(), last - (20_000 - removed) + 1);
+
+    wal.set_cursor("redis", last).unwrap();
+    assert_eq!(wal.truncate().unwrap(), 20_000 - removed);
+    assert_eq!(wal.stats().unwrap().first_seq, None);
+    // Space is reused: eight more rounds of the same volume (without reuse: ~9x the first round's disk use)
+    // leave the directory within a small multiple of one round.
+    for _ in 0..8 {
+        let seqs = append_all(&wal, std::iter::repeat_n(record.clone(), 20_000));
+        wal.set_cursor("mysql", *seqs.last().unwrap()).unwrap();
+        wal.set_cursor("redis", *seqs.last().unwrap()).unwrap();
+        wal.truncate().unwrap();
+    }
+    let after = wal.stats().unwrap().disk_bytes;
+    assert!(after < full * 4, "disk use grew from {full} to {after} bytes although everything was truncated");
+    wal.close().unwrap();
+    drop(wal);
+
+    // The high-water mark survives an empty WAL: seqs are never reused.
+    let wal = open(dir.path(), options);
+    assert_eq!(append_all(&wal, [b"x".to_vec()]), vec![last + 8 * 20_000 + 1]);
+}
+
+#[test]
+fn without_gating_cursors_nothing_is_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), WalOptions::default());
+    append_all(&wal, (0..100).map(|i| vec![i]));
+    wal.set_cursor("mysql", 100).unwrap();
+    assert_eq!(wal.truncate().unwrap(), 0);
+    assert_eq!(read_all(&wal).len(), 100);
+}
+
+#[test]
+fn the_cap_refuses_appends_and_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let max_bytes = 24 << 20;
+    let wal = open(dir.path(), WalOptions { max_bytes, gating_cursors: vec!["mysql".into()], ..WalOptions::default() });
+    let appender = wal.appender();
+    let mut acked = Vec::new();
+    let full = loop {
+        let pending: Vec<_> = (0..500).map(|_| appender.blocking_append(vec![7; 2000]).unwrap()).collect();
+        let results: Vec<_> = pending.into_iter().map(|p| p.blocking_durable()).collect();
+        let mut full = None;
+        for result in results {
+            match result {
+                Ok(seq) => acked.push(seq),
+                Err(e @ WalError::Full { .. }) => full = Some(e),
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+        if let Some(e) = full {
+            break e;
+        }
+        assert!(acked.len() < 1_000_000, "the cap never triggered");
+    };
+    assert!(full.to_string().contains("WAL is full"), "{full}");
+    let stats = wal.stats().unwrap();
+    assert!(stats.disk_bytes <= max_bytes + (16 << 20), "disk {} far beyond the cap", stats.disk_bytes);
+    let stored: Vec<u64> = read_all(&wal).into_iter().map(|r| r.0).collect();
+    assert_eq!(stored, acked, "every acked record is stored, nothing else");
+    // Once the sink has passed everything, truncation makes room again.
+    wal.set_cursor("mysql", *acked.last().unwrap()).unwrap();
+    wal.truncate().unwrap();
+    assert_eq!(wal.stats().unwrap().live_bytes, 0);
+    let more = append_all(&wal, std::iter::repeat_n(vec![1; 2000], 1000));
+    assert_eq!(more.len(), 1000, "room again after truncation");
+}
+
+#[test]
+fn oversized_records_are_refused_and_max_size_records_stay_out_of_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), WalOptions::default());
+    let appender = wal.appender();
+    match appender.blocking_append(vec![0; MAX_RECORD_BYTES + 1]) {
+        Err(WalError::TooLarge { len, max }) => assert_eq!((len, max), (MAX_RECORD_BYTES + 1, MAX_RECORD_BYTES)),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("an oversized record was accepted"),
+    }
+    // sled stores big pages as blob files that it never fsyncs; our sizing must keep every page inline.
+    append_all(&wal, (0..200u8).map(|i| vec![i; MAX_RECORD_BYTES]));
+    let blobs = dir.path().join("sled").join("blobs");
+    let count = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(count, 0, "sled wrote {count} blob files");
+    assert_eq!(read_all(&wal).len(), 200);
+}
+
+#[test]
+fn fsync_mode_syncs_the_data_file_once_per_group_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), WalOptions::default());
+    let before = wal.stats().unwrap();
+    append_all(&wal, (0..1000).map(|i: u32| i.to_be_bytes().to_vec()));
+    let after = wal.stats().unwrap();
+    let commits = after.group_commits - before.group_commits;
+    assert!(commits >= 1);
+    assert!(commits < 1000, "1000 queued appends took {commits} group commits: no grouping");
+    assert_eq!(after.data_syncs - before.data_syncs, commits, "one fdatasync per group commit");
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _wal = open(dir.path(), WalOptions::default());
+    match Wal::open(dir.path(), WalOptions::default()) {
+        Err(e @ WalError::Locked { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&std::process::id().to_string()) && msg.contains("in use"), "{msg}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("two handles on one WAL"),
+    }
+}
+
+#[test]
+fn interval_mode_acks_before_flush_and_never_reuses_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions { durability: Durability::Interval { interval_ms: 20 }, ..WalOptions::default() };
+    let last = {
+        let wal = open(dir.path(), options.clone());
+        let seqs = append_all(&wal, (0..100u8).map(|i| vec![i]));
+        // Readers see records once the flusher made them durable.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while read_all(&wal).len() < 100 {
+            assert!(Instant::now() < deadline, "interval flusher never made the records durable");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        wal.close().unwrap();
+        *seqs.last().unwrap()
+    };
+    let wal = open(dir.path(), options);
+    assert_eq!(read_all(&wal).len(), 100);
+    let next = append_all(&wal, [vec![0]])[0];
+    assert!(next > last, "seq {next} reused after {last}");
+}
+
+#[test]
+fn corrupt_chunks_are_reported_not_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = open(dir.path(), WalOptions::default());
+        append_all(&wal, (0..10u8).map(|i| vec![i; 10]));
+        wal.close().unwrap();
+    }
+    // Damage the stored chunk through sled itself, as a bad disk sector under sled's checksum would not.
+    {
+        let db = sled::Config::new().path(dir.path().join("sled")).segment_size(8 << 20).open().unwrap();
+        let records = db.open_tree("records").unwrap();
+        let (key, value) = records.first().unwrap().unwrap();
+        let mut bad = value.to_vec();
+        let at = bad.len() - 3;
+        bad[at] ^= 0xff;
+        records.insert(key, bad).unwrap();
+        db.flush().unwrap();
+    }
+    match Wal::open(dir.path(), WalOptions::default()) {
+        Err(e @ WalError::Corrupt { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("checksum") && msg.contains(&dir.path().display().to_string()), "{msg}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a damaged WAL opened silently"),
+    }
+}
+
+/// The child side of the crash test: appends from 4 threads and prints `seq payload` for every ack.
+#[test]
+#[ignore = "run by crash_test_every_acked_record_survives_kill_9 as a child process"]
+fn crash_child() {
+    let Ok(dir) = std::env::var("WAL_CRASH_DIR") else { return };
+    let wal = open(dir.as_ref(), WalOptions::default());
+    let stdout = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (appender, stdout) = (wal.appender(), stdout.clone());
+            std::thread::spawn(move || {
+                for i in 0u64.. {
+                    let payload = format!("t{t}-{i}-{}", "x".repeat((i % 300) as usize));
+                    let seq =
+                        appender.blocking_append(payload.clone().into_bytes()).unwrap().blocking_durable().unwrap();
+                    let mut out = stdout.lock().unwrap();
+                    writeln!(out, "{seq} {payload}").unwrap();
+                    out.flush().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn crash_test_every_acked_record_survives_kill_9() {
+    let rounds: u32 = std::env::var("WAL_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut acked: BTreeMap<u64, String> = BTreeMap::new();
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    for round in 0..rounds {
+        let mut child = Command::new(&exe)
+            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("WAL_CRASH_DIR", dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some((seq, payload)) = line.split_once(' ') {
+                    if let Ok(seq) = seq.parse::<u64>() {
+                        lines.push((seq, payload.to_string()));
+                    }
+                }
+            }
+            lines
+        });
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(150 + rng % 400));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let lines = reader.join().unwrap();
+        assert!(!lines.is_empty() || round > 0, "the child acked nothing before it was killed");
+        for (seq, payload) in lines {
+            assert!(acked.insert(seq, payload).is_none(), "seq {seq} acked twice");
+        }
+    }
+    let wal = open(dir.path(), WalOptions::default());
+    let stored: BTreeMap<u64, String> =
+        read_all(&wal).into_iter().map(|(seq, p)| (seq, String::from_utf8(p).unwrap())).collect();
+    for (seq, payload) in &acked {
+        assert_eq!(stored.get(seq), Some(payload), "acked record {seq} lost or changed");
+    }
+    eprintln!("crash test: {rounds} kills, {} acked records, all present", acked.len());
+}
