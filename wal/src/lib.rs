@@ -348,10 +348,8 @@ impl Wal {
 
     pub fn stats(&self) -> Result<WalStats, WalError> {
         let shared = &self.inner.shared;
-        let first_seq = match self.inner.records.first().map_err(|e| self.sled_err("read the WAL", e))? {
-            Some((key, _)) => Some(be_u64(&key)),
-            None => None,
-        };
+        let first = self.inner.records.first().map_err(|e| self.sled_err("read the WAL", e))?;
+        let first_seq = first.map(|(key, _)| be_u64(&key));
         Ok(WalStats {
             first_seq,
             last_seq: *shared.durable_seq.borrow(),
