@@ -1,1 +1,7 @@
-pub fn x() {}
+//! telemetry-agent: scripts send events over a local Unix socket; the agent makes them durable in a WAL
+//! and forwards them to MySQL and Redis. `main.rs` only parses the command line; the work is here.
+
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod ingest;

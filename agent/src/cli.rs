@@ -1,0 +1,235 @@
+//! The command line: `run`, `send`, `check-config`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, DurabilityMode};
+use crate::event::now_us;
+use crate::ingest::{self, IngestContext, Listener};
+use telemetry_wal::{Durability, Wal, WalOptions};
+
+#[derive(Parser)]
+#[command(name = "telemetry-agent", version, about = "Durable local telemetry forwarder for trading hosts")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: listen on the socket, store events in the WAL, forward them.
+    Run {
+        /// TOML config file; without it, defaults that work in the current directory.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Send NDJSON events from stdin to a running agent; prints how many were acked and every error.
+    Send {
+        /// The agent's socket (default: `[ingest] socket` of --config, else ./data/agent.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print the effective configuration, secrets masked.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Run { config } => run(config.as_deref()),
+        Command::Send { socket, config } => send(socket, config.as_deref()),
+        Command::CheckConfig { config } => check_config(config.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("telemetry-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    print!("{}", config.to_masked_toml()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.agent.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+}
+
+fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    init_logging(&config);
+    let agent_id = config.agent_id()?;
+    let durability = match config.wal.durability {
+        DurabilityMode::Fsync => Durability::Fsync,
+        DurabilityMode::Interval => Durability::Interval { interval_ms: config.wal.flush_interval_ms },
+    };
+    let options = WalOptions {
+        durability,
+        max_bytes: config.wal.max_bytes,
+        cache_bytes: config.wal.cache_bytes,
+        gating_cursors: config.enabled_sinks(),
+        // A new WAL starts at the current time in microseconds, so that a host whose WAL was wiped never
+        // reuses a generated event id (`{agent_id}-{seq}`) that MySQL already holds.
+        first_seq: u64::try_from(now_us()).unwrap_or(1),
+    };
+    let wal = Wal::open(&config.wal.dir, options)?;
+    match wal.label("agent_id")? {
+        None => wal.set_label("agent_id", &agent_id)?,
+        Some(stored) if stored == agent_id => {}
+        Some(stored) => bail!(
+            "the WAL in {} belongs to agent `{stored}` but the config says `{agent_id}`; \
+             set [agent] id = \"{stored}\" or move the WAL directory aside",
+            config.wal.dir.display()
+        ),
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    let result = runtime.block_on(serve(&config, &wal, agent_id));
+    // Every handler has finished: nothing waits on the WAL any more.
+    let closed = wal.close();
+    drop(runtime);
+    result?;
+    closed?;
+    tracing::info!("stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<()> {
+    let ingest = &config.ingest;
+    let listener = ingest::bind(&ingest.socket, config.socket_mode()?, ingest.socket_group.as_deref())?;
+    let context = Arc::new(IngestContext {
+        appender: wal.appender(),
+        agent_id: agent_id.clone(),
+        max_line_bytes: ingest.max_line_bytes,
+        max_pending: ingest.max_pending_per_connection,
+        overload_timeout: Duration::from_millis(ingest.overload_timeout_ms),
+        idle_timeout: (ingest.idle_timeout_secs > 0).then(|| Duration::from_secs(ingest.idle_timeout_secs)),
+        counters: Default::default(),
+    });
+    let truncation = tokio::spawn(truncate_periodically(wal.clone()));
+    tracing::info!(
+        agent_id,
+        socket = %ingest.socket.display(),
+        wal = %config.wal.dir.display(),
+        sinks = ?config.enabled_sinks(),
+        "telemetry-agent ready"
+    );
+    Listener::new(listener, context, ingest.max_connections).serve(shutdown_signal()).await;
+    truncation.abort();
+    let _ = std::fs::remove_file(&ingest.socket);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Drops what every sink has passed. Cheap when there is nothing to drop.
+async fn truncate_periodically(wal: Wal) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let wal = wal.clone();
+        match tokio::task::spawn_blocking(move || wal.truncate()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(records)) => tracing::debug!(records, "truncated WAL"),
+            Ok(Err(e)) => tracing::error!(error = %e, "WAL truncation failed"),
+            Err(e) => tracing::error!(error = %e, "WAL truncation task failed"),
+        }
+    }
+}
+
+fn send(socket: Option<PathBuf>, config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let socket = match socket {
+        Some(socket) => socket,
+        None => Config::load(config_path)?.ingest.socket,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
+    runtime.block_on(send_stdin(&socket))
+}
+
+/// Pipelines stdin's lines to the agent and matches each answer to its line number.
+async fn send_stdin(socket: &Path) -> anyhow::Result<ExitCode> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to the agent at {} (is it running?)", socket.display()))?;
+    let (read, mut write) = stream.into_split();
+    let (numbers_tx, mut numbers_rx) = tokio::sync::mpsc::channel::<usize>(64 * 1024);
+    let sender = tokio::spawn(async move {
+        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        let mut number = 0;
+        while let Some(line) = stdin.next_line().await.context("cannot read stdin")? {
+            number += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            write.write_all(line.as_bytes()).await.context("cannot write to the agent")?;
+            write.write_all(b"\n").await.context("cannot write to the agent")?;
+            if numbers_tx.send(number).await.is_err() {
+                break;
+            }
+        }
+        write.shutdown().await.context("cannot finish writing to the agent")?;
+        anyhow::Ok(())
+    });
+
+    let mut answers = BufReader::new(read).lines();
+    let (mut acked, mut failed) = (0u64, 0u64);
+    let mut stderr = std::io::stderr().lock();
+    while let Some(number) = numbers_rx.recv().await {
+        let Some(answer) = answers.next_line().await.context("cannot read the agent's answer")? else {
+            failed += 1;
+            writeln!(stderr, "line {number}: no answer: the agent closed the connection")?;
+            while let Some(number) = numbers_rx.recv().await {
+                failed += 1;
+                writeln!(stderr, "line {number}: no answer: the agent closed the connection")?;
+            }
+            break;
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+        if parsed["ok"] == true {
+            acked += 1;
+        } else {
+            failed += 1;
+            let code = parsed["code"].as_str().unwrap_or("?");
+            let error = parsed["error"].as_str().unwrap_or(&answer);
+            writeln!(stderr, "line {number}: {code}: {error}")?;
+        }
+    }
+    if let Ok(Err(e)) = sender.await {
+        writeln!(stderr, "{e:#}")?;
+        failed += 1;
+    }
+    println!("{acked} acked, {failed} failed");
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

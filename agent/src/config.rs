@@ -1,0 +1,278 @@
+//! The agent's TOML configuration: every key has a documented default, unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub ingest: IngestConfig,
+    pub wal: WalConfig,
+    /// Absent: the MySQL forwarder is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<MysqlConfig>,
+    /// Absent: the Redis mirror is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's name in MySQL (`agent_id` columns) and in generated event ids. Default: the hostname.
+    pub id: Option<String>,
+    /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter; `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    pub socket: PathBuf,
+    /// Octal permission bits of the socket file.
+    pub socket_mode: String,
+    /// Group owning the socket file (scripts' users join it); default: the agent's group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    pub max_line_bytes: usize,
+    pub max_connections: usize,
+    /// Close a connection that sent nothing for this long; 0 keeps idle connections open.
+    pub idle_timeout_secs: u64,
+    /// Lines a client may have in flight (read, not yet answered) before the agent stops reading it.
+    pub max_pending_per_connection: usize,
+    /// How long a line may wait for room in the WAL queue before it is answered `overloaded`.
+    pub overload_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    Fsync,
+    Interval,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalConfig {
+    pub dir: PathBuf,
+    pub durability: DurabilityMode,
+    /// With `durability = "interval"`: how often the WAL is flushed.
+    pub flush_interval_ms: u64,
+    /// Disk the WAL directory may use; beyond it clients get `wal_full`.
+    pub max_bytes: u64,
+    /// sled's cache.
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// `mysql://user:password@host:3306/database`
+    pub url: String,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:6379[/db]`
+    pub url: String,
+}
+
+fn default_pool_size() -> usize {
+    4
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig { id: None, log_level: "info".into() }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            socket: PathBuf::from("./data/agent.sock"),
+            socket_mode: "0660".into(),
+            socket_group: None,
+            max_line_bytes: 64 * 1024,
+            max_connections: 4096,
+            idle_timeout_secs: 0,
+            max_pending_per_connection: 1024,
+            overload_timeout_ms: 2000,
+        }
+    }
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            dir: PathBuf::from("./data/wal"),
+            durability: DurabilityMode::Fsync,
+            flush_interval_ms: 10,
+            max_bytes: 4 << 30,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The largest line the protocol takes: an encoded event must fit one WAL record.
+pub const MAX_LINE_BYTES_LIMIT: usize = 96 * 1024;
+const MAX_AGENT_ID_CHARS: usize = 40;
+
+impl Config {
+    /// Reads and validates `path`; `None` gives the defaults.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let config: Config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        config.validate().with_context(|| match path {
+            Some(path) => format!("invalid config file {}", path.display()),
+            None => "invalid default config".to_string(),
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(id) = &self.agent.id {
+            validate_agent_id(id).context("[agent] id")?;
+        }
+        self.socket_mode().context("[ingest] socket_mode")?;
+        let ingest = &self.ingest;
+        if !(1024..=MAX_LINE_BYTES_LIMIT).contains(&ingest.max_line_bytes) {
+            bail!("[ingest] max_line_bytes must be between 1024 and {MAX_LINE_BYTES_LIMIT}, not {}", ingest.max_line_bytes);
+        }
+        for (key, value) in [
+            ("[ingest] max_connections", ingest.max_connections),
+            ("[ingest] max_pending_per_connection", ingest.max_pending_per_connection),
+        ] {
+            if value == 0 {
+                bail!("{key} must be at least 1");
+            }
+        }
+        if self.wal.max_bytes < 16 << 20 {
+            bail!("[wal] max_bytes must be at least 16 MiB (16777216), not {}", self.wal.max_bytes);
+        }
+        if self.wal.durability == DurabilityMode::Interval && self.wal.flush_interval_ms == 0 {
+            bail!("[wal] flush_interval_ms must be at least 1 with durability = \"interval\"");
+        }
+        if let Some(mysql) = &self.mysql {
+            url::Url::parse(&mysql.url).map_err(|e| anyhow::anyhow!("[mysql] url is not a URL: {e}"))?;
+            if !(1..=64).contains(&mysql.pool_size) {
+                bail!("[mysql] pool_size must be between 1 and 64, not {}", mysql.pool_size);
+            }
+        }
+        if let Some(redis) = &self.redis {
+            url::Url::parse(&redis.url).map_err(|e| anyhow::anyhow!("[redis] url is not a URL: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn socket_mode(&self) -> anyhow::Result<u32> {
+        let mode = u32::from_str_radix(self.ingest.socket_mode.trim_start_matches("0o"), 8)
+            .with_context(|| format!("`{}` is not an octal mode like \"0660\"", self.ingest.socket_mode))?;
+        if mode > 0o777 {
+            bail!("`{}` has bits beyond 0777", self.ingest.socket_mode);
+        }
+        Ok(mode)
+    }
+
+    /// The configured agent id, or the hostname.
+    pub fn agent_id(&self) -> anyhow::Result<String> {
+        if let Some(id) = &self.agent.id {
+            return Ok(id.clone());
+        }
+        let host = nix::unistd::gethostname().context("cannot read the hostname for the default [agent] id")?;
+        let host = host.to_string_lossy().into_owned();
+        validate_agent_id(&host).with_context(|| format!("the hostname `{host}` cannot be the agent id; set [agent] id"))?;
+        Ok(host)
+    }
+
+    /// The sinks that are configured, by their WAL cursor name.
+    pub fn enabled_sinks(&self) -> Vec<String> {
+        let mut sinks = Vec::new();
+        if self.mysql.is_some() {
+            sinks.push("mysql".to_string());
+        }
+        if self.redis.is_some() {
+            sinks.push("redis".to_string());
+        }
+        sinks
+    }
+
+    /// The effective configuration as TOML, with passwords masked.
+    pub fn to_masked_toml(&self) -> anyhow::Result<String> {
+        let mut shown = self.clone();
+        if let Some(mysql) = &mut shown.mysql {
+            mysql.url = mask_url(&mysql.url);
+        }
+        if let Some(redis) = &mut shown.redis {
+            redis.url = mask_url(&redis.url);
+        }
+        if shown.agent.id.is_none() {
+            shown.agent.id = self.agent_id().ok();
+        }
+        toml::to_string_pretty(&shown).context("cannot render the config")
+    }
+}
+
+fn validate_agent_id(id: &str) -> anyhow::Result<()> {
+    if id.is_empty() || id.chars().count() > MAX_AGENT_ID_CHARS {
+        bail!("must be 1 to {MAX_AGENT_ID_CHARS} characters, got {}", id.chars().count());
+    }
+    if let Some(c) = id.chars().find(|c| !is_id_char(*c)) {
+        bail!("`{id}` contains `{c}`; allowed are A-Z a-z 0-9 _ . : -");
+    }
+    Ok(())
+}
+
+/// The characters allowed in agent, profile and event ids.
+pub fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
+}
+
+/// `scheme://user:secret@host` → `scheme://user:****@host`; anything unparsable is hidden whole.
+pub fn mask_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("****"));
+            }
+            url.to_string()
+        }
+        Err(_) => "****".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected_with_the_key_named() {
+        let err = toml::from_str::<Config>("[ingest]\nsockett = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("sockett"), "{err}");
+        let bad: Config = toml::from_str("[ingest]\nsocket_mode = \"0999\"\n").unwrap();
+        assert!(format!("{:#}", bad.validate().unwrap_err()).contains("socket_mode"));
+        let bad: Config = toml::from_str("[agent]\nid = \"a b\"\n").unwrap();
+        assert!(format!("{:#}", bad.validate().unwrap_err()).contains("[agent] id"));
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(mask_url("mysql://u:hunter2@db:3306/t"), "mysql://u:****@db:3306/t");
+        assert_eq!(mask_url("redis://:pw@127.0.0.1:6379"), "redis://:****@127.0.0.1:6379");
+        let config: Config = toml::from_str("[mysql]\nurl = \"mysql://u:hunter2@db/t\"\n").unwrap();
+        let shown = config.to_masked_toml().unwrap();
+        assert!(!shown.contains("hunter2") && shown.contains("****"), "{shown}");
+    }
+}
