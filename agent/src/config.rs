@@ -149,7 +149,10 @@ impl Config {
         self.socket_mode().context("[ingest] socket_mode")?;
         let ingest = &self.ingest;
         if !(1024..=MAX_LINE_BYTES_LIMIT).contains(&ingest.max_line_bytes) {
-            bail!("[ingest] max_line_bytes must be between 1024 and {MAX_LINE_BYTES_LIMIT}, not {}", ingest.max_line_bytes);
+            bail!(
+                "[ingest] max_line_bytes must be between 1024 and {MAX_LINE_BYTES_LIMIT}, not {}",
+                ingest.max_line_bytes
+            );
         }
         for (key, value) in [
             ("[ingest] max_connections", ingest.max_connections),
@@ -193,7 +196,8 @@ impl Config {
         }
         let host = nix::unistd::gethostname().context("cannot read the hostname for the default [agent] id")?;
         let host = host.to_string_lossy().into_owned();
-        validate_agent_id(&host).with_context(|| format!("the hostname `{host}` cannot be the agent id; set [agent] id"))?;
+        validate_agent_id(&host)
+            .with_context(|| format!("the hostname `{host}` cannot be the agent id; set [agent] id"))?;
         Ok(host)
     }
 

@@ -215,7 +215,7 @@ fn reject_foreign(fields: &[(&str, bool)], kind: &str) -> Result<(), Rejection> 
 }
 
 /// A present, non-null field; JSON `null` counts as absent.
-fn present<'a>(raw: Option<&'a RawValue>) -> Option<&'a RawValue> {
+fn present(raw: Option<&RawValue>) -> Option<&RawValue> {
     raw.filter(|r| r.get() != "null")
 }
 
@@ -269,7 +269,9 @@ fn optional_time(raw: Option<&RawValue>, field: &str) -> Result<Option<i64>, Rej
         let s: String = serde_json::from_str(text)
             .map_err(|_| Rejection::event(format!("`{field}` is not a valid JSON string")))?;
         let t = OffsetDateTime::parse(&s, &Rfc3339).map_err(|e| {
-            Rejection::event(format!("`{field}` is not an RFC 3339 time like \"2026-11-27T10:00:00.123Z\": {s:?} ({e})"))
+            Rejection::event(format!(
+                "`{field}` is not an RFC 3339 time like \"2026-11-27T10:00:00.123Z\": {s:?} ({e})"
+            ))
         })?;
         i64::try_from(t.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
     } else {
@@ -430,7 +432,11 @@ mod tests {
             (r#"{"kind":"metric","profile_id":"p","name":"n","value":1e999}"#, "invalid_event", "`value`"),
             (r#"{"kind":"metric","profile_id":"p","name":"n","value":1,"ts":"yesterday"}"#, "invalid_event", "`ts`"),
             (r#"{"kind":"metric","profile_id":"p","name":"n","value":1,"tags":[1]}"#, "invalid_event", "`tags`"),
-            (r#"{"kind":"metric","profile_id":"p","name":"n","value":1,"price":1}"#, "invalid_event", "`price` does not"),
+            (
+                r#"{"kind":"metric","profile_id":"p","name":"n","value":1,"price":1}"#,
+                "invalid_event",
+                "`price` does not",
+            ),
             (r#"{"kind":"metric","profile_id":"p","name":"n","value":1,"event_id":""}"#, "invalid_event", "`event_id`"),
         ] {
             let r = reject(line);

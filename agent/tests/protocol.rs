@@ -1,0 +1,411 @@
+//! The socket protocol against the real agent binary: answers, error codes, pipelining, concurrency,
+//! backpressure, restarts and shutdown. What is stored is checked by reading the WAL after the agent stops.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{metric, Agent, Client};
+use serde_json::Value;
+use telemetry_agent::event::Event;
+
+fn assert_error(answer: &Value, code: &str, needle: &str) {
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(answer["code"], code, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains(needle), "error {error:?} does not mention {needle:?}");
+}
+
+#[test]
+fn an_event_is_acked_with_its_seq_and_event_id_and_stored_exactly() {
+    let mut agent = Agent::start("");
+    let mut client = agent.connect();
+    let generated = client.request(&metric("p-001", "equity", 10234.5));
+    assert_eq!(generated["ok"], true, "{generated}");
+    let seq = generated["seq"].as_u64().unwrap();
+    assert_eq!(generated["event_id"], format!("test-agent-{seq}"));
+
+    let trade = r#"{"kind":"trade","profile_id":"p-001","symbol":"BTCUSDT","side":"buy","quantity":"0.5",
+        "price":43000.10,"pnl":"12.5","fees":"0.02","opened_at":"2026-11-27T09:59:00Z","closed_at":1795773600123,
+        "meta":{"strategy":"grid"},"event_id":"trade-42"}"#
+        .replace('\n', "");
+    let own = client.request(&trade);
+    assert_eq!(own["event_id"], "trade-42", "{own}");
+    assert!(own["seq"].as_u64().unwrap() > seq);
+    drop(client);
+    assert!(agent.stop().success());
+
+    let events = agent.wal_events();
+    assert_eq!(events.len(), 2);
+    let Event::Trade(t) = &events[1].1 else { panic!("second event is not a trade") };
+    assert_eq!((t.quantity.as_str(), t.price.as_str(), t.pnl.as_deref()), ("0.5", "43000.10", Some("12.5")));
+    assert_eq!(t.closed_at_us, 1_795_773_600_123_000);
+    assert_eq!(t.opened_at_us, Some(1_795_773_540_000_000));
+    assert_eq!(t.meta.as_deref(), Some(r#"{"strategy":"grid"}"#));
+    assert_eq!(t.event_id.as_deref(), Some("trade-42"));
+}
+
+#[test]
+fn bad_lines_get_specific_errors_change_nothing_and_the_connection_keeps_working() {
+    let mut agent = Agent::start("");
+    let mut client = agent.connect();
+    assert_error(&client.request("{\"kind\":"), "invalid_json", "not valid JSON");
+    client.send_raw(b"\xff\xfe{}\n");
+    assert_error(&client.answer().unwrap(), "invalid_json", "not valid JSON");
+    assert_error(&client.request(r#"{"kind":"metric","profile_id":"p","value":1}"#), "invalid_event", "`name`");
+    assert_error(
+        &client.request(r#"{"kind":"metric","profile_id":"p","name":"n","value":1,"colour":"red"}"#),
+        "invalid_event",
+        "colour",
+    );
+    let bad_decimal =
+        r#"{"kind":"trade","profile_id":"p","symbol":"X","side":"buy","quantity":"1.000000001","price":1}"#;
+    assert_error(&client.request(bad_decimal), "invalid_event", "`quantity`");
+    assert_eq!(client.request(&metric("p", "ok", 1.0))["ok"], true, "the connection still works");
+    drop(client);
+    assert!(agent.stop().success());
+    assert_eq!(agent.wal_events().len(), 1, "only the valid line was stored");
+}
+
+#[test]
+fn a_line_too_long_is_answered_then_the_connection_closes() {
+    let agent = Agent::start("[ingest]\nmax_line_bytes = 2048");
+    let mut client = agent.connect();
+    client.send(&format!(r#"{{"kind":"metric","profile_id":"p","name":"{}","value":1}}"#, "x".repeat(4000)));
+    assert_error(&client.answer().unwrap(), "line_too_long", "2048 bytes");
+    assert!(client.answer().is_none(), "the connection stays open after line_too_long");
+    // Others are unaffected.
+    assert_eq!(agent.connect().request(&metric("p", "n", 1.0))["ok"], true);
+}
+
+#[test]
+fn a_huge_line_without_newline_does_not_grow_memory_and_gets_line_too_long() {
+    let agent = Agent::start("");
+    let mut client = agent.connect();
+    let chunk = vec![b'a'; 1 << 20];
+    // 100 MiB, never a newline: the agent must answer long before we finish.
+    let mut sent = 0usize;
+    while sent < 100 << 20 {
+        if client.stream.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    assert_error(&client.answer().unwrap(), "line_too_long", "65536 bytes");
+    assert!(sent < 100 << 20 || client.answer().is_none());
+}
+
+#[test]
+fn wal_full_is_answered_and_nothing_is_dropped() {
+    let mut agent = Agent::start("[wal]\nmax_bytes = 16777216\n[ingest]\nmax_line_bytes = 98304");
+    let mut client = agent.connect();
+    let meta = format!(r#"{{"pad":"{}"}}"#, "m".repeat(60_000));
+    let mut acked = 0;
+    let full = loop {
+        let line = format!(
+            r#"{{"kind":"trade","profile_id":"p","symbol":"X","side":"sell","quantity":1,"price":2,"meta":{meta}}}"#
+        );
+        let answer = client.request(&line);
+        if answer["ok"] == true {
+            acked += 1;
+            assert!(acked < 5000, "the cap never triggered");
+        } else {
+            break answer;
+        }
+    };
+    assert_error(&full, "wal_full", "WAL is full");
+    // A full WAL refuses, it does not close the connection.
+    assert_error(&client.request(&metric("p", "n", 1.0)), "wal_full", "cap");
+    drop(client);
+    assert!(agent.stop().success());
+    assert_eq!(agent.wal_events().len(), acked, "exactly the acked events are stored");
+}
+
+#[test]
+fn connections_beyond_the_limit_get_overloaded() {
+    let agent = Agent::start("[ingest]\nmax_connections = 2");
+    // The start-up probe's connection may still hold a slot for a moment.
+    let connect_ok = || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut client = agent.connect();
+            if client.try_request(&metric("p", "a", 1.0)).is_some_and(|a| a["ok"] == true) {
+                return client;
+            }
+            assert!(Instant::now() < deadline, "no free connection slot");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let first = connect_ok();
+    let _second = connect_ok();
+    let mut third = agent.connect();
+    assert_error(&third.answer().unwrap(), "overloaded", "max_connections");
+    assert!(third.answer().is_none());
+    drop(first);
+    // The slot comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = agent.connect().try_request(&metric("p", "c", 1.0));
+        if answer.as_ref().is_some_and(|a| a["ok"] == true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot never came back: {answer:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ten_thousand_pipelined_lines_are_answered_in_order() {
+    let agent = Agent::start("");
+    let mut client = agent.connect();
+    let writer_stream = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut out = std::io::BufWriter::new(writer_stream);
+        for i in 0..10_000 {
+            let line =
+                format!(r#"{{"kind":"metric","profile_id":"p-{}","name":"m","value":{i},"event_id":"e-{i}"}}"#, i % 7);
+            writeln!(out, "{line}").unwrap();
+        }
+        out.flush().unwrap();
+    });
+    let mut last_seq = 0;
+    for i in 0..10_000 {
+        let answer = client.answer().unwrap();
+        assert_eq!(answer["event_id"], format!("e-{i}"), "answer {i} out of order");
+        let seq = answer["seq"].as_u64().unwrap();
+        assert!(seq > last_seq);
+        last_seq = seq;
+    }
+    sender.join().unwrap();
+}
+
+#[test]
+fn five_hundred_concurrent_connections_are_all_answered() {
+    let mut agent = Agent::start("");
+    let socket = agent.socket.clone();
+    let clients: Vec<_> = (0..500)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&socket);
+                for i in 0..20 {
+                    client.send(&format!(
+                        r#"{{"kind":"metric","profile_id":"p-{c}","name":"m","value":{i},"event_id":"c{c}-{i}"}}"#
+                    ));
+                }
+                (0..20).map(|_| client.answer().unwrap()["event_id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut acked = HashSet::new();
+    for (c, handle) in clients.into_iter().enumerate() {
+        let ids = handle.join().unwrap();
+        assert_eq!(ids, (0..20).map(|i| format!("c{c}-{i}")).collect::<Vec<_>>());
+        acked.extend(ids);
+    }
+    assert!(agent.stop().success());
+    let stored: HashSet<String> =
+        agent.wal_events().into_iter().map(|(_, e)| e.client_event_id().unwrap().to_string()).collect();
+    assert_eq!(stored, acked);
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_stall_others() {
+    let agent = Agent::start("[ingest]\nmax_pending_per_connection = 64");
+    let mut hog = agent.connect();
+    hog.stream.set_nonblocking(true).unwrap();
+    // Push until the agent stops reading from it (its answers pile up unread in the socket buffers).
+    let line = format!("{}\n", metric("hog", "m", 1.0));
+    let mut written = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stalled_since = Instant::now();
+    while Instant::now() < deadline && stalled_since.elapsed() < Duration::from_millis(500) {
+        match hog.stream.write(line.as_bytes()) {
+            Ok(n) => {
+                written += n;
+                stalled_since = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(stalled_since.elapsed() >= Duration::from_millis(500), "the agent kept reading an unread client forever");
+    assert!(written > 0);
+    let mut other = agent.connect();
+    let started = Instant::now();
+    for i in 0..100 {
+        assert_eq!(other.request(&metric("other", "m", i as f64))["ok"], true);
+    }
+    // Generous: this only catches a stall, it is not a performance check.
+    assert!(started.elapsed() < Duration::from_secs(20), "a well-behaved client was stalled");
+}
+
+#[test]
+fn acked_events_survive_kill_9_and_a_cut_line_is_not_stored() {
+    let mut agent = Agent::start("");
+    let mut client = agent.connect();
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        let answer = client
+            .request(&format!(r#"{{"kind":"metric","profile_id":"p","name":"m","value":{i},"event_id":"k{i}"}}"#));
+        acked.push(answer["event_id"].as_str().unwrap().to_string());
+    }
+    // Half a line, then the connection drops.
+    let mut cut = agent.connect();
+    cut.send_raw(br#"{"kind":"metric","profile_id":"p","name":"cut","val"#);
+    drop(cut);
+    std::thread::sleep(Duration::from_millis(200));
+    agent.kill9();
+    agent.restart();
+    // Still serving after the restart, and seqs keep growing.
+    let after = agent.connect().request(&metric("p", "after", 1.0));
+    assert_eq!(after["ok"], true);
+    assert!(agent.stop().success());
+    let events = agent.wal_events();
+    let ids: Vec<String> = events.iter().filter_map(|(_, e)| e.client_event_id().map(str::to_string)).collect();
+    assert_eq!(ids, acked);
+    assert_eq!(events.len(), 201, "the cut line was stored");
+    assert_eq!(events.last().unwrap().0, after["seq"].as_u64().unwrap());
+}
+
+#[test]
+fn sigterm_answers_what_was_read_and_exits_cleanly() {
+    let mut agent = Agent::start("");
+    let mut client = agent.connect();
+    let writer_stream = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut out = std::io::BufWriter::new(writer_stream);
+        for i in 0..200_000 {
+            let line = format!(r#"{{"kind":"metric","profile_id":"p","name":"m","value":{i},"event_id":"s{i}"}}"#);
+            if writeln!(out, "{line}").is_err() {
+                break;
+            }
+        }
+        let _ = out.flush();
+    });
+    let mut acked = HashSet::new();
+    let mut answers = 0;
+    while let Some(answer) = client.answer() {
+        answers += 1;
+        if answers == 1000 {
+            agent.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+        if answer["ok"] == true {
+            acked.insert(answer["event_id"].as_str().unwrap().to_string());
+        } else {
+            assert_error(&answer, "shutting_down", "shutting down");
+        }
+    }
+    assert!(agent.wait().success(), "the agent did not exit 0 on SIGTERM");
+    drop(sender);
+    assert!(!agent.socket.exists(), "the socket file was left behind");
+    let stored: HashSet<String> =
+        agent.wal_events().into_iter().map(|(_, e)| e.client_event_id().unwrap().to_string()).collect();
+    assert!(acked.is_subset(&stored), "{} acked events missing", acked.difference(&stored).count());
+    assert!(acked.len() >= 999);
+}
+
+#[test]
+fn the_socket_is_0660_a_stale_one_is_replaced_and_a_second_agent_is_refused() {
+    let mut agent = Agent::start("");
+    let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+
+    // A second agent on the same socket and WAL is refused, naming the problem.
+    let second = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+        .args(["run", "--config"])
+        .arg(&agent.config_path)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+
+    // kill -9 leaves the socket file behind; the next start replaces it.
+    agent.kill9();
+    assert!(agent.socket.exists());
+    agent.restart();
+    assert_eq!(agent.connect().request(&metric("p", "n", 1.0))["ok"], true);
+}
+
+#[test]
+fn a_second_agent_on_a_live_socket_is_refused() {
+    let agent = Agent::start("");
+    let config = std::fs::read_to_string(&agent.config_path).unwrap().replace(
+        &format!("{:?}", agent.wal_dir.display().to_string()),
+        &format!("{:?}", agent.dir.path().join("other-wal").display().to_string()),
+    );
+    let other = agent.dir.path().join("other.toml");
+    std::fs::write(&other, config).unwrap();
+    let second =
+        Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["run", "--config"]).arg(&other).output().unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("already listening"), "{stderr}");
+    assert_eq!(agent.connect().request(&metric("p", "n", 1.0))["ok"], true, "the first agent is unharmed");
+}
+
+#[test]
+fn send_reports_acks_and_errors_by_line_number() {
+    let agent = Agent::start("");
+    let input = format!("{}\nnot json\n\n{}\n", metric("p", "a", 1.0), metric("p", "b", 2.0));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+        .args(["send", "--socket"])
+        .arg(&agent.socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "2 acked, 1 failed");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 2: invalid_json"), "{stderr}");
+}
+
+#[test]
+fn check_config_masks_secrets_and_rejects_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "[mysql]\nurl = \"mysql://telemetry:s3cret@127.0.0.1:3306/telemetry\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(shown.contains("telemetry:****@") && !shown.contains("s3cret"), "{shown}");
+    assert!(shown.contains("max_line_bytes = 65536"), "defaults are shown: {shown}");
+
+    std::fs::write(&path, "[wal]\nmax_byte = 1\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("max_byte") && stderr.contains("agent.toml"), "{stderr}");
+}
+
+#[test]
+fn raw_socket_bytes_of_an_ack_match_the_documented_shape() {
+    let agent = Agent::start("");
+    let mut stream = UnixStream::connect(&agent.socket).unwrap();
+    stream.write_all(br#"{"kind":"metric","profile_id":"p","name":"n","value":1,"event_id":"abc"}"#).unwrap();
+    stream.write_all(b"\n").unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 256];
+    let n = stream.read(&mut buf).unwrap();
+    let text = std::str::from_utf8(&buf[..n]).unwrap();
+    let seq: u64 = text.trim_start_matches(r#"{"ok":true,"seq":"#).split(',').next().unwrap().parse().unwrap();
+    assert_eq!(text, format!("{{\"ok\":true,\"seq\":{seq},\"event_id\":\"abc\"}}\n"));
+}
