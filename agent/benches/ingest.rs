@@ -1,1 +1,204 @@
-fn main() {}
+//! End-to-end socket ingest: the release agent binary as a child, N clients pipelining metrics over the
+//! Unix socket. Reports acked events/s, ack latency p50/p99 and the agent's peak RSS, plus latency at a
+//! fixed offered rate. `cargo bench -p telemetry-agent --bench ingest` (BENCH_SECS per case, default 5).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::UnixStream;
+use tokio::sync::{Mutex, Semaphore};
+
+/// Lines a pipelining client keeps in flight.
+const WINDOW: usize = 512;
+
+fn main() {
+    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
+    println!("| clients | offered | acked events/s | ack p50 | ack p99 | agent peak RSS |");
+    println!("|---|---|---|---|---|---|");
+    let only: Option<usize> = std::env::var("BENCH_CLIENTS").ok().and_then(|v| v.parse().ok());
+    for clients in [1usize, 64, 900].into_iter().filter(|c| only.is_none_or(|o| o == *c)) {
+        let agent = Agent::start();
+        let result = runtime.block_on(load(&agent.socket, clients, None, Duration::from_secs(secs)));
+        report(clients, "as fast as acked", &result, agent.peak_rss_kib());
+    }
+    for (clients, rate) in
+        [(64usize, 10_000u64), (900, 10_000)].into_iter().filter(|(c, _)| only.is_none_or(|o| o == *c))
+    {
+        let agent = Agent::start();
+        let result = runtime.block_on(load(&agent.socket, clients, Some(rate), Duration::from_secs(secs)));
+        report(clients, &format!("{rate}/s"), &result, agent.peak_rss_kib());
+    }
+}
+
+fn report(clients: usize, offered: &str, result: &LoadResult, rss_kib: u64) {
+    println!(
+        "| {clients} | {offered} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MiB |",
+        result.acked as f64 / result.elapsed.as_secs_f64(),
+        percentile(&result.latencies_us, 0.50) / 1000.0,
+        percentile(&result.latencies_us, 0.99) / 1000.0,
+        rss_kib as f64 / 1024.0
+    );
+}
+
+struct LoadResult {
+    acked: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u64>,
+}
+
+/// `rate`: total events/s offered across clients (paced); `None`: each client keeps WINDOW in flight.
+async fn load(socket: &Path, clients: usize, rate: Option<u64>, run_for: Duration) -> LoadResult {
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let stream = UnixStream::connect(socket).await.expect("connect");
+        let latencies = latencies.clone();
+        let interval = rate.map(|r| Duration::from_secs_f64(clients as f64 / r as f64));
+        tasks.push(tokio::spawn(async move { client(stream, c, interval, run_for, latencies).await }));
+    }
+    let mut acked = 0;
+    for task in tasks {
+        acked += task.await.expect("client task");
+    }
+    let elapsed = started.elapsed();
+    let latencies_us = std::mem::take(&mut *latencies.lock().await);
+    LoadResult { acked, elapsed, latencies_us }
+}
+
+async fn client(
+    stream: UnixStream,
+    c: usize,
+    interval: Option<Duration>,
+    run_for: Duration,
+    latencies: Arc<Mutex<Vec<u64>>>,
+) -> u64 {
+    let (read, write) = stream.into_split();
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let sent_at = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+    let writer = {
+        let (window, sent_at) = (window.clone(), sent_at.clone());
+        tokio::spawn(async move {
+            let mut out = BufWriter::new(write);
+            let mut tick = interval.map(tokio::time::interval);
+            let started = Instant::now();
+            let mut i = 0u64;
+            while started.elapsed() < run_for {
+                match &mut tick {
+                    Some(tick) => {
+                        tick.tick().await;
+                    }
+                    None => {}
+                }
+                let Ok(permit) = window.acquire().await else { break };
+                permit.forget();
+                let line = format!(
+                    "{{\"kind\":\"metric\",\"profile_id\":\"p-{:03}\",\"name\":\"equity\",\"value\":{}.5,\"tags\":{{\"script\":\"risk\"}}}}\n",
+                    c % 300,
+                    i
+                );
+                i += 1;
+                if let Ok(mut q) = sent_at.lock() {
+                    q.push_back(Instant::now());
+                }
+                if out.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+                if tick.is_some() || window.available_permits() == 0 {
+                    let _ = out.flush().await;
+                }
+            }
+            let _ = out.flush().await;
+            let _ = out.shutdown().await;
+        })
+    };
+    let mut answers = BufReader::new(read).lines();
+    let mut acked = 0u64;
+    let mut local = Vec::new();
+    while let Ok(Some(answer)) = answers.next_line().await {
+        let sent = sent_at.lock().ok().and_then(|mut q| q.pop_front());
+        if let Some(sent) = sent {
+            local.push(sent.elapsed().as_micros() as u64);
+        }
+        if answer.starts_with("{\"ok\":true") {
+            acked += 1;
+        }
+        window.add_permits(1);
+    }
+    let _ = writer.await;
+    latencies.lock().await.extend(local);
+    acked
+}
+
+fn percentile(values: &[u64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted[((sorted.len() - 1) as f64 * p) as usize] as f64
+}
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::tempdir_in(base).expect("temp dir");
+        let socket = dir.path().join("agent.sock");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nid = \"bench\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n{}\n",
+                socket.display().to_string(),
+                dir.path().join("wal").display().to_string(),
+                std::env::var("BENCH_WAL_CONFIG").unwrap_or_default().replace(';', "\n"),
+            ),
+        )
+        .expect("config");
+        let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .envs(
+                std::env::var("BENCH_AGENT_ENV")
+                    .ok()
+                    .and_then(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))),
+            )
+            .spawn()
+            .expect("spawn agent");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "agent did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Agent { _dir: dir, socket, child }
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

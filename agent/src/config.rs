@@ -102,7 +102,7 @@ impl Default for IngestConfig {
             max_line_bytes: 64 * 1024,
             max_connections: 4096,
             idle_timeout_secs: 0,
-            max_pending_per_connection: 1024,
+            max_pending_per_connection: 128,
             overload_timeout_ms: 2000,
         }
     }

@@ -156,13 +156,7 @@ impl Wal {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| WalError::io(&dir, "create the WAL directory", e))?;
         let lock = take_lock(&dir)?;
-        let db = sled::Config::new()
-            .path(dir.join("sled"))
-            .cache_capacity(options.cache_bytes)
-            .segment_size(SEGMENT_BYTES)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| WalError::sled(&dir, "open sled", e))?;
+        let db = open_sled(&dir, &options)?;
         let open_tree = |name: &str| db.open_tree(name).map_err(|e| WalError::sled(&dir, "open a tree", e));
         let records = open_tree("records")?;
         let cursors = open_tree("cursors")?;
@@ -492,6 +486,28 @@ fn take_lock(dir: &Path) -> Result<nix::fcntl::Flock<File>, WalError> {
         .and_then(|_| lock.write_all(pid.as_bytes()))
         .map_err(|e| WalError::io(&path, "write the lock file", e))?;
     Ok(lock)
+}
+
+/// Opens sled. We hold the directory's lock, so a sled lock conflict can only be this process's previous
+/// handle, whose background threads release sled's file a moment after the last `Db` is dropped.
+fn open_sled(dir: &Path, options: &WalOptions) -> Result<sled::Db, WalError> {
+    let config = sled::Config::new()
+        .path(dir.join("sled"))
+        .cache_capacity(options.cache_bytes)
+        .segment_size(SEGMENT_BYTES)
+        .flush_every_ms(None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() > deadline {
+                    return Err(WalError::sled(dir, "open sled", sled::Error::Io(e)));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result.map_err(|e| WalError::sled(dir, "open sled", e)),
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {

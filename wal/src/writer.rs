@@ -19,7 +19,7 @@ pub(crate) enum Request {
 const MAX_GROUP_RECORDS: usize = 8192;
 const MAX_GROUP_BYTES: usize = 8 << 20;
 /// Records are packed into sled values of about this size (see `MAX_RECORD_BYTES` for the upper bound).
-const CHUNK_TARGET_BYTES: usize = 32 * 1024;
+const CHUNK_TARGET_BYTES: usize = 4 * 1024;
 /// See `WalOptions::max_bytes`.
 const LIVE_FRACTION_AT_CAP: u64 = 4;
 /// In interval mode, seqs are leased durably this many at a time so that none is handed out twice.
