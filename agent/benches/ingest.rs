@@ -89,11 +89,8 @@ async fn client(
             let started = Instant::now();
             let mut i = 0u64;
             while started.elapsed() < run_for {
-                match &mut tick {
-                    Some(tick) => {
-                        tick.tick().await;
-                    }
-                    None => {}
+                if let Some(tick) = &mut tick {
+                    tick.tick().await;
                 }
                 let Ok(permit) = window.acquire().await else { break };
                 permit.forget();
