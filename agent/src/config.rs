@@ -272,6 +272,18 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_is_valid_and_shows_the_defaults() {
+        let example: Config = toml::from_str(include_str!("../../packaging/agent.toml")).unwrap();
+        example.validate().unwrap();
+        let defaults = Config::default();
+        assert_eq!(example.ingest.max_line_bytes, defaults.ingest.max_line_bytes);
+        assert_eq!(example.ingest.max_pending_per_connection, defaults.ingest.max_pending_per_connection);
+        assert_eq!(example.wal.max_bytes, defaults.wal.max_bytes);
+        assert_eq!(example.wal.cache_bytes, defaults.wal.cache_bytes);
+        assert_eq!(example.wal.durability, defaults.wal.durability);
+    }
+
+    #[test]
     fn secrets_are_masked() {
         assert_eq!(mask_url("mysql://u:hunter2@db:3306/t"), "mysql://u:****@db:3306/t");
         assert_eq!(mask_url("redis://:pw@127.0.0.1:6379"), "redis://:****@127.0.0.1:6379");
