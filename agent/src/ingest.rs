@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use telemetry_wal::{Appender, Pending, WalError};
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -196,8 +196,10 @@ impl Handler {
                     None => break,
                 },
                 _ = self.shutdown.recv() => {
-                    // Answer lines that already arrived, then stop reading.
-                    while let Some(Some(Ok(_))) = lines.next().now_or_never() {
+                    // Answer the complete lines already read into our buffer, then stop reading. (Polling the
+                    // socket for more would let a client that never stops writing hold up the shutdown.)
+                    let already_read = lines.read_buffer().iter().filter(|&&b| b == b'\n').count();
+                    for _ in 0..already_read {
                         let line = error_line("shutting_down", "the agent is shutting down; resend to the restarted agent");
                         if replies_tx.send(Reply::Ready(line)).await.is_err() {
                             break;

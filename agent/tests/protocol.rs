@@ -289,18 +289,21 @@ fn sigterm_answers_what_was_read_and_exits_cleanly() {
         let _ = out.flush();
     });
     let mut acked = HashSet::new();
-    let mut answers = 0;
+    let (mut answers, mut refused) = (0, 0);
     while let Some(answer) = client.answer() {
         answers += 1;
         if answers == 1000 {
             agent.signal(nix::sys::signal::Signal::SIGTERM);
         }
         if answer["ok"] == true {
+            assert_eq!(refused, 0, "an ok after shutting_down: answers out of order");
             acked.insert(answer["event_id"].as_str().unwrap().to_string());
         } else {
             assert_error(&answer, "shutting_down", "shutting down");
+            refused += 1;
         }
     }
+    eprintln!("{} acked, {refused} answered shutting_down", acked.len());
     assert!(agent.wait().success(), "the agent did not exit 0 on SIGTERM");
     drop(sender);
     assert!(!agent.socket.exists(), "the socket file was left behind");
@@ -408,4 +411,41 @@ fn raw_socket_bytes_of_an_ack_match_the_documented_shape() {
     let text = std::str::from_utf8(&buf[..n]).unwrap();
     let seq: u64 = text.trim_start_matches(r#"{"ok":true,"seq":"#).split(',').next().unwrap().parse().unwrap();
     assert_eq!(text, format!("{{\"ok\":true,\"seq\":{seq},\"event_id\":\"abc\"}}\n"));
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    let agent = Agent::start("[ingest]\nidle_timeout_secs = 1");
+    let mut idle = agent.connect();
+    assert_eq!(idle.request(&metric("p", "n", 1.0))["ok"], true);
+    let started = Instant::now();
+    assert!(idle.answer().is_none(), "an idle connection got an answer");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(20), "closed after {waited:?}");
+}
+
+#[test]
+fn the_socket_group_is_applied() {
+    let gid = nix::unistd::getgid();
+    let group = nix::unistd::Group::from_gid(gid).unwrap().unwrap().name;
+    let agent = Agent::start(&format!("[ingest]\nsocket_group = {group:?}\nsocket_mode = \"0600\""));
+    let meta = std::fs::metadata(&agent.socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn a_wal_keeps_its_agent_id() {
+    let mut agent = Agent::start("");
+    assert!(agent.stop().success());
+    let config = std::fs::read_to_string(&agent.config_path).unwrap().replace("test-agent", "renamed");
+    std::fs::write(&agent.config_path, config).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+        .args(["run", "--config"])
+        .arg(&agent.config_path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("belongs to agent `test-agent`") && stderr.contains("renamed"), "{stderr}");
 }
