@@ -12,8 +12,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, DurabilityMode};
+use crate::config::{mask_url, Config, DurabilityMode};
 use crate::event::now_us;
+use crate::forward::{self, ForwardSettings, Forwarder};
 use crate::ingest::{self, IngestContext, Listener};
 use telemetry_wal::{Durability, Wal, WalOptions};
 
@@ -40,6 +41,11 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Apply pending MySQL schema migrations (safe to run twice, and from several hosts at once).
+    Migrate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Validate a config file and print the effective configuration, secrets masked.
     CheckConfig {
         #[arg(long)]
@@ -51,6 +57,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config.as_deref()),
         Command::Send { socket, config } => send(socket, config.as_deref()),
+        Command::Migrate { config } => migrate(config.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
     };
     match result {
@@ -66,6 +73,30 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     print!("{}", config.to_masked_toml()?);
     Ok(ExitCode::SUCCESS)
+}
+
+fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    init_logging(&config);
+    let Some(mysql) = &config.mysql else { bail!("the config has no [mysql] section: nothing to migrate") };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
+    runtime.block_on(async {
+        let pool = forward::pool(mysql)?;
+        let result = async {
+            let mut conn =
+                pool.get_conn().await.with_context(|| format!("cannot connect to {}", mask_url(&mysql.url)))?;
+            crate::migrate::migrate(&mut conn).await
+        }
+        .await;
+        let _ = pool.disconnect().await;
+        let applied = result?;
+        if applied.is_empty() {
+            println!("schema is up to date");
+        } else {
+            println!("applied: {}", applied.join(", "));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn init_logging(config: &Config) {
@@ -129,6 +160,15 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         counters: Default::default(),
     });
     let truncation = tokio::spawn(truncate_periodically(wal.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let forwarder = match &config.mysql {
+        Some(mysql) => {
+            let pool = forward::pool(mysql)?;
+            let forwarder = Forwarder::new(wal.clone(), pool, agent_id.clone(), ForwardSettings::from(mysql), stop_rx);
+            Some(tokio::spawn(forwarder.run()))
+        }
+        None => None,
+    };
     tracing::info!(
         agent_id,
         socket = %ingest.socket.display(),
@@ -137,6 +177,10 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         "telemetry-agent ready"
     );
     Listener::new(listener, context, ingest.max_connections).serve(shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    if let Some(forwarder) = forwarder {
+        let _ = forwarder.await;
+    }
     truncation.abort();
     let _ = std::fs::remove_file(&ingest.socket);
     Ok(())

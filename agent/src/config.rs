@@ -68,12 +68,49 @@ pub struct WalConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MysqlConfig {
-    /// `mysql://user:password@host:3306/database`
+    /// `mysql://user[:password]@host:3306/database`
     pub url: String,
-    #[serde(default = "default_pool_size")]
+    /// A file holding the password (first line), readable only by the agent; overrides the URL's password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// The most connections the agent opens to MySQL, whatever the number of scripts.
     pub pool_size: usize,
+    /// A batch is sent as soon as it holds this many events...
+    pub max_batch_rows: usize,
+    /// ...or this many bytes of events (keeps statements under `max_allowed_packet`)...
+    pub max_batch_bytes: usize,
+    /// ...or when the WAL has nothing more and its oldest event has waited this long.
+    pub max_linger_ms: u64,
+    /// Retries after a connection error, deadlock or lock wait back off from this...
+    pub retry_initial_ms: u64,
+    /// ...doubling, with jitter, up to this.
+    pub retry_max_ms: u64,
+    /// A batch transaction that takes longer is abandoned (rolled back) and retried.
+    pub write_timeout_ms: u64,
+    /// Connect with TLS (certificates checked against the system's web roots, or `tls_ca_file`).
+    pub tls: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+impl Default for MysqlConfig {
+    fn default() -> Self {
+        MysqlConfig {
+            url: String::new(),
+            password_file: None,
+            pool_size: 4,
+            max_batch_rows: 1000,
+            max_batch_bytes: 4 << 20,
+            max_linger_ms: 100,
+            retry_initial_ms: 100,
+            retry_max_ms: 10_000,
+            write_timeout_ms: 30_000,
+            tls: false,
+            tls_ca_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,10 +118,6 @@ pub struct MysqlConfig {
 pub struct RedisConfig {
     /// `redis://[:password@]host:6379[/db]`
     pub url: String,
-}
-
-fn default_pool_size() -> usize {
-    4
 }
 
 impl Default for AgentConfig {
@@ -169,9 +202,28 @@ impl Config {
             bail!("[wal] flush_interval_ms must be at least 1 with durability = \"interval\"");
         }
         if let Some(mysql) = &self.mysql {
-            url::Url::parse(&mysql.url).map_err(|e| anyhow::anyhow!("[mysql] url is not a URL: {e}"))?;
+            if mysql.url.is_empty() {
+                bail!("[mysql] url is required when the [mysql] section is present");
+            }
+            let url = url::Url::parse(&mysql.url)
+                .map_err(|e| anyhow::anyhow!("[mysql] url `{}` is not a URL: {e}", mask_url(&mysql.url)))?;
+            if url.scheme() != "mysql" {
+                bail!("[mysql] url must start with mysql://");
+            }
             if !(1..=64).contains(&mysql.pool_size) {
                 bail!("[mysql] pool_size must be between 1 and 64, not {}", mysql.pool_size);
+            }
+            if !(1..=10_000).contains(&mysql.max_batch_rows) {
+                bail!("[mysql] max_batch_rows must be between 1 and 10000, not {}", mysql.max_batch_rows);
+            }
+            if !(64 * 1024..=64 << 20).contains(&mysql.max_batch_bytes) {
+                bail!("[mysql] max_batch_bytes must be between 65536 and 67108864, not {}", mysql.max_batch_bytes);
+            }
+            if mysql.retry_initial_ms == 0 || mysql.retry_max_ms < mysql.retry_initial_ms {
+                bail!("[mysql] retry_initial_ms must be at least 1 and at most retry_max_ms");
+            }
+            if mysql.write_timeout_ms < 100 {
+                bail!("[mysql] write_timeout_ms must be at least 100");
             }
         }
         if let Some(redis) = &self.redis {

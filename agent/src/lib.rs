@@ -4,4 +4,6 @@
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod forward;
 pub mod ingest;
+pub mod migrate;

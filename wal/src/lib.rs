@@ -85,6 +85,17 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+/// A record a sink could not deliver, kept with the reason until an operator retries or drops it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub sink: String,
+    pub seq: u64,
+    pub error: String,
+    /// Milliseconds since the Unix epoch when it was dead-lettered.
+    pub at_ms: u64,
+    pub payload: Vec<u8>,
+}
+
 /// A point-in-time view of the WAL.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WalStats {
@@ -101,6 +112,8 @@ pub struct WalStats {
     pub group_commits: u64,
     /// `fdatasync` calls on sled's data file since open.
     pub data_syncs: u64,
+    /// Records kept as dead letters, all sinks.
+    pub dead_letters: u64,
 }
 
 /// A WAL opened by this process. Cheap to clone; every clone is the same log.
@@ -115,6 +128,7 @@ struct Inner {
     records: sled::Tree,
     cursors: sled::Tree,
     meta: sled::Tree,
+    dead_letters: sled::Tree,
     shared: Arc<Shared>,
     options: WalOptions,
     tx: mpsc::Sender<Request>,
@@ -161,6 +175,7 @@ impl Wal {
         let records = open_tree("records")?;
         let cursors = open_tree("cursors")?;
         let meta = open_tree("meta")?;
+        let dead_letters = open_tree("dead_letters")?;
         let data_path = dir.join("sled").join("db");
         let data_file = File::open(&data_path).map_err(|e| WalError::io(&data_path, "open sled's data file", e))?;
         // The files sled just created must survive a power cut too.
@@ -211,6 +226,7 @@ impl Wal {
                 records,
                 cursors,
                 meta,
+                dead_letters,
                 shared,
                 options,
                 tx,
@@ -287,6 +303,42 @@ impl Wal {
         self.flush()
     }
 
+    /// Keeps a record a sink could not deliver, durably, before returning. Adding the same (sink, seq) again
+    /// replaces the earlier entry.
+    pub fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), WalError> {
+        let value = chunk::encode_dead_letter(letter);
+        self.inner
+            .dead_letters
+            .insert(dead_letter_key(&letter.sink, letter.seq), value)
+            .map_err(|e| self.sled_err("write a dead letter", e))?;
+        self.flush()
+    }
+
+    /// Every dead letter, by sink then seq.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, WalError> {
+        let mut out = Vec::new();
+        for entry in self.inner.dead_letters.iter() {
+            let (key, value) = entry.map_err(|e| self.sled_err("read dead letters", e))?;
+            let letter = chunk::decode_dead_letter(&key, &value).map_err(|reason| WalError::Corrupt {
+                dir: self.inner.dir.clone(),
+                detail: format!("dead letter: {reason}"),
+            })?;
+            out.push(letter);
+        }
+        Ok(out)
+    }
+
+    /// Removes a dead letter (after it was retried or dropped); true if it existed.
+    pub fn remove_dead_letter(&self, sink: &str, seq: u64) -> Result<bool, WalError> {
+        let old = self
+            .inner
+            .dead_letters
+            .remove(dead_letter_key(sink, seq))
+            .map_err(|e| self.sled_err("remove a dead letter", e))?;
+        self.flush()?;
+        Ok(old.is_some())
+    }
+
     /// Flushes everything written so far (cursors included) and syncs it to disk.
     pub fn flush(&self) -> Result<(), WalError> {
         self.inner.db.flush().map_err(|e| self.sled_err("flush", e))?;
@@ -352,6 +404,8 @@ impl Wal {
             max_bytes: self.inner.options.max_bytes,
             group_commits: shared.group_commits.load(Ordering::Relaxed),
             data_syncs: shared.data_syncs.load(Ordering::Relaxed),
+            // Few by nature, so counting them is cheap.
+            dead_letters: self.inner.dead_letters.len() as u64,
         })
     }
 
@@ -532,6 +586,10 @@ fn last_durable_seq(records: &sled::Tree, meta: &sled::Tree, dir: &Path) -> Resu
     };
     let candidates = [from_records, meta_u64(META_HIGH_WATER)?, meta_u64(META_SEQ_LEASE)?];
     Ok(candidates.into_iter().flatten().max())
+}
+
+fn dead_letter_key(sink: &str, seq: u64) -> Vec<u8> {
+    [sink.as_bytes(), &[0], &seq.to_be_bytes()].concat()
 }
 
 fn label_key(name: &str) -> Vec<u8> {

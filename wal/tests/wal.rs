@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use telemetry_wal::{Durability, Wal, WalError, WalOptions, MAX_RECORD_BYTES};
+use telemetry_wal::{DeadLetter, Durability, Wal, WalError, WalOptions, MAX_RECORD_BYTES};
 
 fn open(dir: &std::path::Path, options: WalOptions) -> Wal {
     Wal::open(dir, options).expect("open WAL")
@@ -122,6 +122,31 @@ fn truncation_waits_for_every_gating_cursor_frees_space_and_keeps_seqs() {
     // The high-water mark survives an empty WAL: seqs are never reused.
     let wal = open(dir.path(), options);
     assert_eq!(append_all(&wal, [b"x".to_vec()]), vec![last + 8 * 20_000 + 1]);
+}
+
+#[test]
+fn dead_letters_persist_until_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let letter = DeadLetter {
+        sink: "mysql".into(),
+        seq: 42,
+        error: "Data too long for column 'name'".into(),
+        at_ms: 1,
+        payload: b"payload".to_vec(),
+    };
+    {
+        let wal = open(dir.path(), WalOptions::default());
+        wal.add_dead_letter(&letter).unwrap();
+        wal.add_dead_letter(&DeadLetter { sink: "redis".into(), ..letter.clone() }).unwrap();
+        wal.close().unwrap();
+    }
+    let wal = open(dir.path(), WalOptions::default());
+    let letters = wal.dead_letters().unwrap();
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0], letter);
+    assert!(wal.remove_dead_letter("mysql", 42).unwrap());
+    assert!(!wal.remove_dead_letter("mysql", 42).unwrap());
+    assert_eq!(wal.dead_letters().unwrap().len(), 1);
 }
 
 #[test]

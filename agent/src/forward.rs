@@ -1,0 +1,570 @@
+//! The MySQL forwarder: tails the WAL from cursor `mysql` and writes each batch as one transaction — a
+//! multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id` per table plus the `telemetry_offsets` row — so a
+//! batch is in MySQL exactly once however often it is sent. After COMMIT the local cursor moves, which lets
+//! the WAL truncate.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+use telemetry_wal::{DeadLetter, Record, Wal};
+use tokio::sync::watch;
+
+use crate::config::{mask_url, MysqlConfig};
+use crate::event::{effective_event_id, Event, Metric, Side, Trade};
+use crate::migrate::{self, SchemaState};
+
+pub const SINK: &str = "mysql";
+
+/// Statement sizes: a batch is cut into statements of these row counts, so the server's prepared
+/// statement cache sees four texts per table, not one per batch length.
+const CHUNK_ROWS: [usize; 4] = [1000, 100, 10, 1];
+/// How often to look again when the schema is behind.
+const SCHEMA_RECHECK: Duration = Duration::from_secs(10);
+
+/// Connection options from the config: a bounded, lazy pool that keeps prepared statements across uses.
+pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
+    let opts =
+        Opts::from_url(&config.url).with_context(|| format!("[mysql] url {} is invalid", mask_url(&config.url)))?;
+    let constraints = PoolConstraints::new(0, config.pool_size).context("[mysql] pool_size")?;
+    let mut builder = OptsBuilder::from_opts(opts)
+        .pool_opts(PoolOpts::default().with_constraints(constraints).with_reset_connection(false))
+        // Never switch from the configured TCP address to a local socket behind our back.
+        .prefer_socket(false)
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .stmt_cache_size(32)
+        .init(vec!["SET time_zone = '+00:00'", "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'"]);
+    if let Some(path) = &config.password_file {
+        builder = builder.pass(Some(read_password_file(path)?));
+    }
+    if config.tls {
+        let mut ssl = mysql_async::SslOpts::default();
+        if let Some(ca) = &config.tls_ca_file {
+            ssl = ssl.with_root_certs(vec![ca.clone().into()]);
+        }
+        builder = builder.ssl_opts(ssl);
+    }
+    Ok(Pool::new(builder))
+}
+
+fn read_password_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("[mysql] password_file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "[mysql] password_file {} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardSettings {
+    pub max_batch_rows: usize,
+    pub max_batch_bytes: usize,
+    pub max_linger: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub write_timeout: Duration,
+}
+
+impl From<&MysqlConfig> for ForwardSettings {
+    fn from(c: &MysqlConfig) -> Self {
+        ForwardSettings {
+            max_batch_rows: c.max_batch_rows,
+            max_batch_bytes: c.max_batch_bytes,
+            max_linger: Duration::from_millis(c.max_linger_ms),
+            retry_initial: Duration::from_millis(c.retry_initial_ms),
+            retry_max: Duration::from_millis(c.retry_max_ms),
+            write_timeout: Duration::from_millis(c.write_timeout_ms),
+        }
+    }
+}
+
+/// What one transaction did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub inserted: u64,
+    pub already_present: u64,
+}
+
+/// Why a write failed, and so what to do next.
+enum WriteError {
+    /// Connection lost, server restarting, deadlock, lock wait, timeout: retry the same rows later.
+    Transient(String),
+    /// MySQL refuses the data itself: split the batch to find the record(s), dead-letter them.
+    Data(String),
+    /// The statement is too large for the server: split the batch.
+    TooLarge(String),
+}
+
+pub struct Forwarder {
+    wal: Wal,
+    pool: Pool,
+    agent_id: String,
+    settings: ForwardSettings,
+    shutdown: watch::Receiver<bool>,
+    outage: Option<Outage>,
+    dead_letters: u64,
+}
+
+struct Outage {
+    since: Instant,
+    retries: u64,
+}
+
+/// The forwarder was told to stop.
+struct Stopped;
+
+impl Forwarder {
+    pub fn new(
+        wal: Wal,
+        pool: Pool,
+        agent_id: String,
+        settings: ForwardSettings,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Forwarder { wal, pool, agent_id, settings, shutdown, outage: None, dead_letters: 0 }
+    }
+
+    /// Forwards until shutdown. MySQL being down or behind on its schema is a state to wait out, not an error.
+    pub async fn run(mut self) {
+        let _ = self.forward().await;
+        if let Err(e) = self.pool.disconnect().await {
+            tracing::debug!(error = %e, "MySQL pool disconnect");
+        }
+        tracing::info!("MySQL forwarder stopped");
+    }
+
+    async fn forward(&mut self) -> Result<(), Stopped> {
+        let mut cursor = self.start_point().await?;
+        loop {
+            let batch = self.next_batch(cursor).await?;
+            let last = batch.last().map_or(cursor, |r| r.seq);
+            self.deliver(batch).await?;
+            if let Err(e) = self.wal.set_cursor(SINK, last) {
+                // MySQL has the batch and its offset; a restart resumes from there.
+                tracing::error!(error = %e, seq = last, "cannot move the local mysql cursor");
+            }
+            cursor = last;
+        }
+    }
+
+    /// Waits for MySQL with a current schema, then resumes after the later of the local cursor and the
+    /// offset MySQL committed (which is ahead after a crash between COMMIT and the cursor update).
+    async fn start_point(&mut self) -> Result<u64, Stopped> {
+        let mut schema_reported = false;
+        loop {
+            match self.check_schema_and_offset().await {
+                Ok(Some(remote)) => {
+                    self.end_outage();
+                    let local = self.wal.cursor(SINK).unwrap_or(0);
+                    if remote > local {
+                        tracing::info!(
+                            local,
+                            remote,
+                            "MySQL is ahead of the local cursor; resuming from MySQL's offset"
+                        );
+                        if let Err(e) = self.wal.set_cursor(SINK, remote) {
+                            tracing::error!(error = %e, "cannot move the local mysql cursor");
+                        }
+                    }
+                    tracing::info!(after_seq = local.max(remote), "MySQL forwarding started");
+                    return Ok(local.max(remote));
+                }
+                Ok(None) => {
+                    self.end_outage();
+                    if !schema_reported {
+                        tracing::error!(
+                            "the MySQL schema is behind this agent: events are stored but not forwarded; \
+                             run `telemetry-agent migrate --config <file>`"
+                        );
+                        schema_reported = true;
+                    }
+                    self.sleep(SCHEMA_RECHECK).await?;
+                }
+                Err(e) => {
+                    self.note_failure(&format!("{e:#}"));
+                    self.backoff().await?;
+                }
+            }
+        }
+    }
+
+    /// `Some(offset)` when the schema is current, `None` when it is behind.
+    async fn check_schema_and_offset(&self) -> anyhow::Result<Option<u64>> {
+        let mut conn = self.pool.get_conn().await.context("cannot connect to MySQL")?;
+        if let SchemaState::Behind(missing) = migrate::state(&mut conn).await? {
+            tracing::debug!(?missing, "schema behind");
+            return Ok(None);
+        }
+        let offset: Option<u64> = conn
+            .exec_first(
+                "SELECT last_seq FROM telemetry_offsets WHERE agent_id = ? AND sink = ?",
+                (&self.agent_id, SINK),
+            )
+            .await
+            .context("cannot read telemetry_offsets")?;
+        Ok(Some(offset.unwrap_or(0)))
+    }
+
+    /// The next batch after `after`: as soon as it is full (rows or bytes), or when the WAL has nothing more
+    /// and the oldest record has lingered `max_linger`.
+    async fn next_batch(&mut self, after: u64) -> Result<Vec<Record>, Stopped> {
+        let mut durable = self.wal.subscribe();
+        let mut batch: Vec<Record> = Vec::new();
+        let mut bytes = 0;
+        let mut last = after;
+        loop {
+            durable.borrow_and_update();
+            let wanted = self.settings.max_batch_rows - batch.len();
+            let more = read_after(&self.wal, last, wanted).await;
+            for record in more {
+                if !batch.is_empty() && bytes + record.payload.len() > self.settings.max_batch_bytes {
+                    return Ok(batch);
+                }
+                bytes += record.payload.len();
+                last = record.seq;
+                batch.push(record);
+            }
+            if batch.len() >= self.settings.max_batch_rows || bytes >= self.settings.max_batch_bytes {
+                return Ok(batch);
+            }
+            let linger_left = batch.first().map(|oldest| {
+                let age = Duration::from_millis(now_ms().saturating_sub(oldest.appended_at_ms));
+                self.settings.max_linger.saturating_sub(age)
+            });
+            if linger_left == Some(Duration::ZERO) {
+                return Ok(batch);
+            }
+            let linger = async {
+                match linger_left {
+                    Some(left) => tokio::time::sleep(left).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = durable.changed() => {}
+                () = linger => return Ok(batch),
+                _ = self.shutdown.changed() => return Err(Stopped),
+            }
+        }
+    }
+
+    /// Writes the batch, retrying transient failures for as long as it takes; dead-letters what MySQL
+    /// refuses for its data.
+    async fn deliver(&mut self, batch: Vec<Record>) -> Result<Written, Stopped> {
+        let mut rows = Vec::with_capacity(batch.len());
+        for record in batch {
+            match Event::decode(&record.payload) {
+                Ok(event) => rows.push((record, event)),
+                Err(reason) => self.dead_letter(&record, None, &format!("undecodable WAL record: {reason}")),
+            }
+        }
+        let mut total = Written::default();
+        // Ranges still to write, in order. A data error splits its range until the bad record is alone.
+        let mut pending = VecDeque::from([(0, rows.len())]);
+        while let Some((lo, hi)) = pending.pop_front() {
+            if lo == hi {
+                continue;
+            }
+            let started = Instant::now();
+            match self.write(&rows[lo..hi]).await {
+                Ok(written) => {
+                    self.end_outage();
+                    total.inserted += written.inserted;
+                    total.already_present += written.already_present;
+                    tracing::debug!(
+                        rows = hi - lo,
+                        inserted = written.inserted,
+                        first_seq = rows[lo].0.seq,
+                        last_seq = rows[hi - 1].0.seq,
+                        ms = started.elapsed().as_millis() as u64,
+                        "batch committed"
+                    );
+                }
+                Err(WriteError::Transient(error)) => {
+                    self.note_failure(&error);
+                    self.backoff().await?;
+                    pending.push_front((lo, hi));
+                }
+                Err(WriteError::Data(error)) if hi - lo == 1 => {
+                    let (record, event) = &rows[lo];
+                    self.dead_letter(record, Some(event), &error);
+                }
+                Err(WriteError::TooLarge(error)) if hi - lo == 1 => {
+                    let (record, event) = &rows[lo];
+                    self.dead_letter(record, Some(event), &error);
+                }
+                Err(WriteError::Data(error) | WriteError::TooLarge(error)) => {
+                    tracing::warn!(
+                        rows = hi - lo,
+                        first_seq = rows[lo].0.seq,
+                        error,
+                        "MySQL refused a batch; splitting it"
+                    );
+                    let mid = lo + (hi - lo) / 2;
+                    pending.push_front((mid, hi));
+                    pending.push_front((lo, mid));
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// One transaction: the rows, then the offset.
+    async fn write(&self, rows: &[(Record, Event)]) -> Result<Written, WriteError> {
+        let timeout = self.settings.write_timeout;
+        match tokio::time::timeout(timeout, write_rows(&self.pool, &self.agent_id, rows)).await {
+            Ok(result) => result.map_err(classify),
+            Err(_) => {
+                Err(WriteError::Transient(format!("transaction did not finish within {} ms", timeout.as_millis())))
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, record: &Record, event: Option<&Event>, error: &str) {
+        let event_id = event.map(|e| effective_event_id(e.client_event_id(), &self.agent_id, record.seq));
+        let profile_id = event.map(Event::profile_id);
+        tracing::error!(seq = record.seq, event_id, profile_id, error, "MySQL refused an event; moved to dead letters");
+        let letter = DeadLetter {
+            sink: SINK.to_string(),
+            seq: record.seq,
+            error: error.to_string(),
+            at_ms: now_ms(),
+            payload: record.payload.clone(),
+        };
+        match self.wal.add_dead_letter(&letter) {
+            Ok(()) => self.dead_letters += 1,
+            // Still not lost: the record stays in the WAL until truncation, and MySQL's offset is behind it
+            // only if this was the batch's last record. Say so loudly.
+            Err(e) => tracing::error!(seq = record.seq, error = %e, "cannot store the dead letter"),
+        }
+    }
+
+    fn note_failure(&mut self, error: &str) {
+        match &mut self.outage {
+            Some(outage) => {
+                outage.retries += 1;
+                tracing::debug!(error, retries = outage.retries, "MySQL still unavailable");
+            }
+            None => {
+                tracing::warn!(
+                    error,
+                    records_held = self.records_held(),
+                    "MySQL unavailable; events stay in the WAL and are forwarded when it answers"
+                );
+                self.outage = Some(Outage { since: Instant::now(), retries: 0 });
+            }
+        }
+    }
+
+    fn end_outage(&mut self) {
+        if let Some(outage) = self.outage.take() {
+            tracing::info!(
+                outage_secs = format!("{:.1}", outage.since.elapsed().as_secs_f64()),
+                retries = outage.retries,
+                records_held = self.records_held(),
+                "MySQL available again"
+            );
+        }
+    }
+
+    fn records_held(&self) -> u64 {
+        let durable = *self.wal.subscribe().borrow();
+        durable.saturating_sub(self.wal.cursor(SINK).unwrap_or(0))
+    }
+
+    /// Exponential backoff with full jitter, capped.
+    async fn backoff(&mut self) -> Result<(), Stopped> {
+        let retries = self.outage.as_ref().map_or(0, |o| o.retries).min(20) as u32;
+        let ceiling = self.settings.retry_initial.saturating_mul(1 << retries.min(16)).min(self.settings.retry_max);
+        let delay = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
+        self.sleep(delay).await
+    }
+
+    async fn sleep(&mut self, delay: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Ok(()),
+            _ = self.shutdown.changed() => Err(Stopped),
+        }
+    }
+}
+
+async fn read_after(wal: &Wal, after: u64, max: usize) -> Vec<Record> {
+    let wal = wal.clone();
+    match tokio::task::spawn_blocking(move || wal.read_after(after, max)).await {
+        Ok(Ok(records)) => records,
+        Ok(Err(e)) => {
+            // A damaged WAL: stop forwarding past it rather than skip records. The operator sees this.
+            tracing::error!(error = %e, after_seq = after, "cannot read the WAL; forwarding is stuck here");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "WAL read task failed");
+            Vec::new()
+        }
+    }
+}
+
+/// Writes rows and the offset in one transaction. Duplicates (by `event_id`) are no-ops.
+pub async fn write_rows(pool: &Pool, agent_id: &str, rows: &[(Record, Event)]) -> Result<Written, mysql_async::Error> {
+    let mut conn = pool.get_conn().await?;
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    let mut metrics = Vec::new();
+    let mut trades = Vec::new();
+    for (record, event) in rows {
+        match event {
+            Event::Metric(m) => metrics.push(metric_params(m, agent_id, record.seq)),
+            Event::Trade(t) => trades.push(trade_params(t, agent_id, record.seq)),
+        }
+    }
+    let mut inserted = 0;
+    for (table, columns, rows) in [(METRICS_TABLE, METRIC_COLUMNS, metrics), (TRADES_TABLE, TRADE_COLUMNS, trades)] {
+        let mut rest = &rows[..];
+        while !rest.is_empty() {
+            let n = CHUNK_ROWS.into_iter().find(|&n| n <= rest.len()).unwrap_or(1);
+            let (chunk, tail) = rest.split_at(n);
+            let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+            tx.exec_drop(insert_sql(table, columns, n), params).await?;
+            inserted += tx.affected_rows();
+            rest = tail;
+        }
+    }
+    if let Some((last, _)) = rows.last() {
+        tx.exec_drop(
+            "INSERT INTO telemetry_offsets (agent_id, sink, last_seq, updated_at) VALUES (?, ?, ?, UTC_TIMESTAMP(6)) \
+             ON DUPLICATE KEY UPDATE last_seq = GREATEST(last_seq, ?), updated_at = UTC_TIMESTAMP(6)",
+            (agent_id, SINK, last.seq, last.seq),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    let total = rows.len() as u64;
+    Ok(Written { inserted, already_present: total.saturating_sub(inserted) })
+}
+
+const METRICS_TABLE: &str = "dd_metrics";
+const METRIC_COLUMNS: &[&str] =
+    &["event_id", "agent_id", "wal_seq", "profile_id", "name", "value", "ts", "tags", "received_at"];
+const TRADES_TABLE: &str = "dd_trade_performance";
+const TRADE_COLUMNS: &[&str] = &[
+    "event_id",
+    "agent_id",
+    "wal_seq",
+    "profile_id",
+    "symbol",
+    "side",
+    "quantity",
+    "price",
+    "pnl",
+    "fees",
+    "opened_at",
+    "closed_at",
+    "meta",
+    "received_at",
+];
+
+/// `INSERT INTO t (cols) VALUES (?,..),(?,..) ON DUPLICATE KEY UPDATE id = id` for `rows` rows. The update
+/// makes a re-sent row a no-op without `INSERT IGNORE`, which would hide data errors as warnings.
+fn insert_sql(table: &str, columns: &[&str], rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns.len()].join(","));
+    format!(
+        "INSERT INTO {table} ({}) VALUES {} ON DUPLICATE KEY UPDATE id = id",
+        columns.join(","),
+        vec![row.as_str(); rows].join(",")
+    )
+}
+
+fn metric_params(m: &Metric, agent_id: &str, seq: u64) -> Vec<Value> {
+    vec![
+        effective_event_id(m.event_id.as_deref(), agent_id, seq).into(),
+        agent_id.into(),
+        seq.into(),
+        m.profile_id.as_str().into(),
+        m.name.as_str().into(),
+        m.value.into(),
+        datetime(m.ts_us),
+        m.tags.as_deref().into(),
+        datetime(m.received_us),
+    ]
+}
+
+fn trade_params(t: &Trade, agent_id: &str, seq: u64) -> Vec<Value> {
+    vec![
+        effective_event_id(t.event_id.as_deref(), agent_id, seq).into(),
+        agent_id.into(),
+        seq.into(),
+        t.profile_id.as_str().into(),
+        t.symbol.as_str().into(),
+        match t.side {
+            Side::Buy => "buy",
+            Side::Sell => "sell",
+        }
+        .into(),
+        // Decimals travel as text: the server parses the exact digits.
+        t.quantity.as_str().into(),
+        t.price.as_str().into(),
+        t.pnl.as_deref().into(),
+        t.fees.as_deref().into(),
+        t.opened_at_us.map_or(Value::NULL, datetime),
+        datetime(t.closed_at_us),
+        t.meta.as_deref().into(),
+        datetime(t.received_us),
+    ]
+}
+
+/// A UTC DATETIME(6) value with exact microseconds (no rounding by the server).
+fn datetime(us: i64) -> Value {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    Value::Date(t.year() as u16, t.month() as u8, t.day(), t.hour(), t.minute(), t.second(), t.microsecond())
+}
+
+/// Sorts a failure into retry, split-and-dead-letter, or split.
+fn classify(e: mysql_async::Error) -> WriteError {
+    match &e {
+        mysql_async::Error::Server(server) => match server.code {
+            // Packet too large.
+            1153 | 1301 => WriteError::TooLarge(e.to_string()),
+            // Out of range, truncated, incorrect value, too long, NULL, bad datetime, bad JSON, CHECK failed,
+            // incorrect string (charset).
+            1048 | 1264 | 1265 | 1292 | 1366 | 1367 | 1406 | 1690 | 3140 | 4025 | 3819 => {
+                WriteError::Data(e.to_string())
+            }
+            // Deadlock, lock wait, server shutting down, too many connections, missing table (schema being
+            // changed) and everything unknown: retry. Dropping data on a guess is worse than waiting.
+            _ => WriteError::Transient(e.to_string()),
+        },
+        _ => WriteError::Transient(e.to_string()),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_statements_stay_under_the_placeholder_limit() {
+        for columns in [METRIC_COLUMNS, TRADE_COLUMNS] {
+            assert!(columns.len() * CHUNK_ROWS[0] < 65_535);
+        }
+        let sql = insert_sql("t", &["a", "b"], 2);
+        assert_eq!(sql, "INSERT INTO t (a,b) VALUES (?,?),(?,?) ON DUPLICATE KEY UPDATE id = id");
+    }
+
+    #[test]
+    fn datetimes_keep_microseconds() {
+        assert_eq!(datetime(1_795_773_600_123_456), Value::Date(2026, 11, 27, 10, 0, 0, 123_456));
+    }
+}
