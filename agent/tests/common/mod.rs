@@ -195,3 +195,198 @@ impl Client {
 pub fn metric(profile: &str, name: &str, value: f64) -> String {
     format!(r#"{{"kind":"metric","profile_id":"{profile}","name":"{name}","value":{value}}}"#)
 }
+
+/// A fresh MySQL database for one test, dropped afterwards.
+pub struct TestDb {
+    pub name: String,
+    pub server_url: String,
+    runtime: tokio::runtime::Runtime,
+    pool: mysql_async::Pool,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        use mysql_async::prelude::Queryable;
+        let server_url =
+            std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_string());
+        let name = format!("tat_{}_{}", std::process::id(), fastrand::u64(..));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let admin = mysql_async::Pool::new(mysql_async::Opts::from_url(&server_url).unwrap());
+        runtime.block_on(async {
+            let mut conn = admin.get_conn().await.expect("MySQL is not reachable; run scripts/test.sh");
+            conn.query_drop(format!("CREATE DATABASE {name}")).await.unwrap();
+            drop(conn);
+            admin.disconnect().await.unwrap();
+        });
+        let pool = mysql_async::Pool::new(mysql_async::Opts::from_url(&format!("{server_url}/{name}")).unwrap());
+        TestDb { name, server_url, runtime, pool }
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.server_url, self.name)
+    }
+
+    /// The URL of this database through a proxy listening on `port`.
+    pub fn url_via(&self, port: u16) -> String {
+        let mut url = url::Url::parse(&self.url()).unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(port)).unwrap();
+        url.to_string()
+    }
+
+    pub fn query<T: mysql_async::prelude::FromRow + Send + 'static>(&self, sql: &str) -> Vec<T> {
+        use mysql_async::prelude::Queryable;
+        self.runtime.block_on(async {
+            let mut conn = self.pool.get_conn().await.unwrap();
+            conn.query(sql).await.unwrap()
+        })
+    }
+
+    pub fn exec(&self, sql: &str) {
+        use mysql_async::prelude::Queryable;
+        self.runtime.block_on(async {
+            let mut conn = self.pool.get_conn().await.unwrap();
+            conn.query_drop(sql).await.unwrap()
+        })
+    }
+
+    pub fn count(&self, table: &str) -> u64 {
+        self.query::<u64>(&format!("SELECT COUNT(*) FROM {table}"))[0]
+    }
+
+    /// Waits until `table` holds `n` rows; panics with what it holds after `secs`.
+    pub fn wait_for_rows(&self, table: &str, n: u64, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let have = self.count(table);
+            if have == n {
+                return;
+            }
+            assert!(have < n, "{table} holds {have} rows, more than the {n} expected");
+            assert!(Instant::now() < deadline, "{table} holds {have} of {n} rows after {secs} s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        use mysql_async::prelude::Queryable;
+        let name = self.name.clone();
+        let pool = self.pool.clone();
+        let server_url = self.server_url.clone();
+        self.runtime.block_on(async move {
+            let _ = pool.disconnect().await;
+            let admin = mysql_async::Pool::new(mysql_async::Opts::from_url(&server_url).unwrap());
+            if let Ok(mut conn) = admin.get_conn().await {
+                let _ = conn.query_drop(format!("DROP DATABASE IF EXISTS {name}")).await;
+            }
+            let _ = admin.disconnect().await;
+        });
+    }
+}
+
+/// A TCP proxy that can cut every connection or refuse new ones, to inject faults between the agent and
+/// a server.
+pub struct FaultProxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// Bumped by `cut`: connections of an older generation close.
+    generation: std::sync::atomic::AtomicU64,
+    /// While set, new connections are closed at once.
+    down: std::sync::atomic::AtomicBool,
+    /// While set, no bytes are forwarded (connections hang).
+    stalled: std::sync::atomic::AtomicBool,
+    accepted: std::sync::atomic::AtomicU64,
+    open: std::sync::atomic::AtomicU64,
+    max_open: std::sync::atomic::AtomicU64,
+}
+
+impl FaultProxy {
+    pub fn start(target: std::net::SocketAddr) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accept_state = state.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                accept_state.accepted.fetch_add(1, Ordering::Relaxed);
+                if accept_state.down.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let state = accept_state.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
+                    let generation = state.generation.load(Ordering::Relaxed);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let alive = move |state: &ProxyState| state.generation.load(Ordering::Relaxed) == generation;
+                    let pump = move |mut from: tokio::net::tcp::OwnedReadHalf,
+                                     mut to: tokio::net::tcp::OwnedWriteHalf,
+                                     state: std::sync::Arc<ProxyState>| async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let read = tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await;
+                            if !alive(&state) {
+                                return;
+                            }
+                            let n = match read {
+                                Err(_) => continue,
+                                Ok(Ok(0)) | Ok(Err(_)) => return,
+                                Ok(Ok(n)) => n,
+                            };
+                            while state.stalled.load(Ordering::Relaxed) && alive(&state) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if !alive(&state) || to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let open = state.open.fetch_add(1, Ordering::SeqCst) + 1;
+                    state.max_open.fetch_max(open, Ordering::SeqCst);
+                    let up = tokio::spawn(pump(client_read, server_write, state.clone()));
+                    let down = tokio::spawn(pump(server_read, client_write, state.clone()));
+                    let _ = tokio::join!(up, down);
+                    state.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        FaultProxy { port, state, _runtime: runtime }
+    }
+
+    /// Closes every open connection (mid-transaction, as a network cut would).
+    pub fn cut(&self) {
+        self.state.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, std::sync::atomic::Ordering::Relaxed);
+        if down {
+            self.cut();
+        }
+    }
+
+    pub fn set_stalled(&self, stalled: bool) {
+        self.state.stalled.store(stalled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The most connections that were open through the proxy at once.
+    pub fn max_open(&self) -> u64 {
+        self.state.max_open.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

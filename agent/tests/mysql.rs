@@ -1,0 +1,337 @@
+//! The MySQL forwarder against the real MariaDB: one fresh database per test, faults injected for real
+//! (a TCP proxy that cuts and stalls connections, kill -9 of the agent).
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::ToSocketAddrs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Agent, Client, FaultProxy, TestDb};
+use telemetry_wal::{Wal, WalOptions};
+
+/// Fast linger and retries so the tests do not wait on production defaults.
+fn mysql_section(url: &str) -> String {
+    format!("[mysql]\nurl = {url:?}\nmax_linger_ms = 20\nretry_initial_ms = 20\nretry_max_ms = 300\nwrite_timeout_ms = 3000\n")
+}
+
+fn migrate(url: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("migrate.toml");
+    std::fs::write(&config, format!("[mysql]\nurl = {url:?}\n")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["migrate", "--config"]).arg(&config).output().unwrap()
+}
+
+fn migrated_db() -> TestDb {
+    let db = TestDb::new();
+    let output = migrate(&db.url());
+    assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
+    db
+}
+
+fn mysql_addr() -> std::net::SocketAddr {
+    let url = url::Url::parse(
+        &std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into()),
+    )
+    .unwrap();
+    (url.host_str().unwrap(), url.port().unwrap_or(3306)).to_socket_addrs().unwrap().next().unwrap()
+}
+
+fn metric_line(i: usize) -> String {
+    format!(
+        r#"{{"kind":"metric","profile_id":"p-{:03}","name":"m{}","value":{i}.25,"ts":{},"event_id":"m-{i}"}}"#,
+        i % 300,
+        i % 5,
+        1_795_773_600_000u64 + i as u64
+    )
+}
+
+fn trade_line(i: usize) -> String {
+    format!(
+        r#"{{"kind":"trade","profile_id":"p-{:03}","symbol":"BTCUSDT","side":"sell","quantity":"0.{i:08}","price":"43000.{:02}","pnl":-1.5,"fees":"0.00000001","closed_at":"2026-11-27T10:00:00.{:06}Z","meta":{{"i":{i}}},"event_id":"t-{i}"}}"#,
+        i % 300,
+        i % 100,
+        i % 1_000_000
+    )
+}
+
+/// Sends `lines` pipelined on one connection and returns the event ids acked.
+fn send_all(client: &mut Client, lines: &[String]) -> Vec<String> {
+    let writer = client.stream.try_clone().unwrap();
+    let owned: Vec<String> = lines.to_vec();
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(writer);
+        for line in owned {
+            writeln!(out, "{line}").unwrap();
+        }
+        out.flush().unwrap();
+    });
+    let acked = (0..lines.len())
+        .map(|_| {
+            let answer = client.answer().unwrap();
+            assert_eq!(answer["ok"], true, "{answer}");
+            answer["event_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    sender.join().unwrap();
+    acked
+}
+
+fn stored_ids(db: &TestDb) -> Vec<String> {
+    let mut ids = db.query::<String>("SELECT event_id FROM dd_metrics");
+    ids.extend(db.query::<String>("SELECT event_id FROM dd_trade_performance"));
+    ids
+}
+
+fn assert_exactly_once(db: &TestDb, acked: &[String]) {
+    let stored = stored_ids(db);
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "duplicate rows");
+    let acked: HashSet<&String> = acked.iter().collect();
+    let missing = acked.difference(&unique).count();
+    let extra = unique.difference(&acked).count();
+    assert_eq!((missing, extra), (0, 0), "{missing} acked events missing, {extra} rows never acked");
+}
+
+#[test]
+fn every_event_becomes_exactly_one_row_with_exact_values() {
+    let db = migrated_db();
+    let mut agent = Agent::start(&mysql_section(&db.url()));
+    let lines: Vec<String> = (0..3000).map(|i| if i % 4 == 3 { trade_line(i) } else { metric_line(i) }).collect();
+    let acked = send_all(&mut agent.connect(), &lines);
+    db.wait_for_rows("dd_metrics", 2250, 60);
+    db.wait_for_rows("dd_trade_performance", 750, 60);
+    assert_exactly_once(&db, &acked);
+
+    let metric: Vec<(String, String, f64, String)> = db.query(
+        "SELECT profile_id, name, value, DATE_FORMAT(ts, '%Y-%m-%d %H:%i:%s.%f') FROM dd_metrics WHERE event_id = 'm-1'",
+    );
+    assert_eq!(metric, vec![("p-001".into(), "m1".into(), 1.25, "2026-11-27 10:00:00.001000".into())]);
+    let trade: Vec<(String, String, String, String, String, String, String)> = db.query(
+        "SELECT side, CAST(quantity AS CHAR), CAST(price AS CHAR), CAST(pnl AS CHAR), CAST(fees AS CHAR), \
+         DATE_FORMAT(closed_at, '%Y-%m-%d %H:%i:%s.%f'), JSON_EXTRACT(meta, '$.i') \
+         FROM dd_trade_performance WHERE event_id = 't-2999'",
+    );
+    assert_eq!(
+        trade,
+        vec![(
+            "sell".into(),
+            "0.00002999".into(),
+            "43000.99000000".into(),
+            "-1.50000000".into(),
+            "0.00000001".into(),
+            "2026-11-27 10:00:00.002999".into(),
+            "2999".into()
+        )]
+    );
+    let offsets: Vec<(String, u64)> = db.query("SELECT agent_id, last_seq FROM telemetry_offsets WHERE sink = 'mysql'");
+    assert_eq!(offsets.len(), 1);
+    assert_eq!(offsets[0].0, "test-agent");
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_resent_event_id_gives_one_row() {
+    let db = migrated_db();
+    let agent = Agent::start(&mysql_section(&db.url()));
+    let mut client = agent.connect();
+    let line = metric_line(7);
+    let first = client.request(&line);
+    let second = client.request(&line);
+    assert_eq!((first["ok"].clone(), second["ok"].clone()), (true.into(), true.into()));
+    assert_ne!(first["seq"], second["seq"], "two WAL records");
+    client.request(&metric_line(8));
+    db.wait_for_rows("dd_metrics", 2, 30);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(db.count("dd_metrics"), 2);
+}
+
+#[test]
+fn mysql_down_at_start_is_normal_and_everything_arrives_when_it_answers() {
+    let db = migrated_db();
+    let proxy = FaultProxy::start(mysql_addr());
+    proxy.set_down(true);
+    let agent = Agent::start(&mysql_section(&db.url_via(proxy.port)));
+    let lines: Vec<String> = (0..500).map(metric_line).collect();
+    let acked = send_all(&mut agent.connect(), &lines);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(db.count("dd_metrics"), 0);
+    assert!(proxy.accepted() > 0, "the agent never tried to connect");
+    proxy.set_down(false);
+    db.wait_for_rows("dd_metrics", 500, 60);
+    assert_exactly_once(&db, &acked);
+}
+
+#[test]
+fn connections_cut_mid_transaction_lose_and_duplicate_nothing() {
+    let db = migrated_db();
+    let proxy = FaultProxy::start(mysql_addr());
+    let agent = Agent::start(&(mysql_section(&db.url_via(proxy.port)) + "max_batch_rows = 200\n"));
+    let socket = agent.socket.clone();
+    let sender = std::thread::spawn(move || {
+        let mut client = Client::connect(&socket);
+        let mut acked = Vec::new();
+        for round in 0..20 {
+            let lines: Vec<String> = (round * 500..(round + 1) * 500)
+                .map(|i| if i % 4 == 3 { trade_line(i) } else { metric_line(i) })
+                .collect();
+            acked.extend(send_all(&mut client, &lines));
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        acked
+    });
+    // Cut, stall, and take the link down while the stream runs.
+    for i in 0..12 {
+        std::thread::sleep(Duration::from_millis(80));
+        match i % 3 {
+            0 => proxy.cut(),
+            1 => {
+                proxy.set_stalled(true);
+                std::thread::sleep(Duration::from_millis(150));
+                proxy.cut();
+                proxy.set_stalled(false);
+            }
+            _ => {
+                proxy.set_down(true);
+                std::thread::sleep(Duration::from_millis(150));
+                proxy.set_down(false);
+            }
+        }
+    }
+    let acked = sender.join().unwrap();
+    db.wait_for_rows("dd_metrics", 7500, 90);
+    db.wait_for_rows("dd_trade_performance", 2500, 90);
+    assert_exactly_once(&db, &acked);
+}
+
+#[test]
+fn kill_9_while_forwarding_loses_and_duplicates_nothing() {
+    let db = migrated_db();
+    let mut agent = Agent::start(&(mysql_section(&db.url()) + "max_batch_rows = 100\n"));
+    let mut acked = Vec::new();
+    for round in 0..8 {
+        let lines: Vec<String> = (round * 600..(round + 1) * 600).map(metric_line).collect();
+        acked.extend(send_all(&mut agent.connect(), &lines));
+        // Kill while the forwarder is still draining this round.
+        std::thread::sleep(Duration::from_millis(fastrand::u64(5..60)));
+        agent.kill9();
+        agent.restart();
+    }
+    db.wait_for_rows("dd_metrics", 4800, 90);
+    assert_exactly_once(&db, &acked);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_record_mysql_refuses_is_dead_lettered_and_its_neighbours_arrive() {
+    let db = migrated_db();
+    // Schema drift: a narrower column than the protocol allows.
+    db.exec("ALTER TABLE dd_metrics MODIFY name VARCHAR(5) NOT NULL");
+    let mut agent = Agent::start(&mysql_section(&db.url()));
+    let mut lines: Vec<String> = (0..200).map(metric_line).collect();
+    lines[120] = r#"{"kind":"metric","profile_id":"p","name":"much_too_long","value":1,"event_id":"poison"}"#.into();
+    let acked = send_all(&mut agent.connect(), &lines);
+    db.wait_for_rows("dd_metrics", 199, 60);
+    let expected: Vec<String> = acked.into_iter().filter(|id| id != "poison").collect();
+    assert_exactly_once(&db, &expected);
+    // The forwarder went on: later events arrive too.
+    agent.connect().request(&metric_line(500));
+    db.wait_for_rows("dd_metrics", 200, 30);
+    assert!(agent.stop().success());
+
+    let wal = Wal::open(&agent.wal_dir, WalOptions::default()).unwrap();
+    let letters = wal.dead_letters().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].sink, "mysql");
+    assert!(letters[0].error.contains("1406") && letters[0].error.contains("name"), "{}", letters[0].error);
+    let event = telemetry_agent::event::Event::decode(&letters[0].payload).unwrap();
+    assert_eq!(event.client_event_id(), Some("poison"));
+}
+
+#[test]
+fn five_hundred_clients_share_a_bounded_pool() {
+    let db = migrated_db();
+    // Every agent connection goes through the proxy, which counts them.
+    let proxy = FaultProxy::start(mysql_addr());
+    let agent = Agent::start(&(mysql_section(&db.url_via(proxy.port)) + "pool_size = 3\nmax_batch_rows = 50\n"));
+    let socket = agent.socket.clone();
+    let clients: Vec<_> = (0..500)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&socket);
+                let lines: Vec<String> = (c * 10..(c + 1) * 10).map(metric_line).collect();
+                send_all(&mut client, &lines)
+            })
+        })
+        .collect();
+    let acked: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    db.wait_for_rows("dd_metrics", 5000, 60);
+    let max = proxy.max_open();
+    assert!((1..=3).contains(&max), "the agent held {max} connections at once with pool_size = 3");
+    assert_exactly_once(&db, &acked);
+}
+
+#[test]
+fn a_schema_behind_keeps_events_until_migrated() {
+    let db = TestDb::new();
+    let agent = Agent::start(&mysql_section(&db.url()));
+    let acked = send_all(&mut agent.connect(), &(0..50).map(metric_line).collect::<Vec<_>>());
+    assert!(migrate(&db.url()).status.success());
+    db.wait_for_rows("dd_metrics", 50, 60);
+    assert_exactly_once(&db, &acked);
+}
+
+#[test]
+fn migrate_is_idempotent_concurrent_and_refuses_edited_files() {
+    let db = TestDb::new();
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url();
+            std::thread::spawn(move || migrate(&url))
+        })
+        .collect();
+    let outputs: Vec<_> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+    for output in &outputs {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let applied = outputs.iter().filter(|o| String::from_utf8_lossy(&o.stdout).contains("applied: 0001_init")).count();
+    assert_eq!(applied, 1, "exactly one concurrent run applies the migration");
+    let again = migrate(&db.url());
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "schema is up to date");
+    assert_eq!(db.query::<u64>("SELECT COUNT(*) FROM schema_migrations")[0], 1);
+
+    db.exec("UPDATE schema_migrations SET checksum = REPEAT('0', 64) WHERE version = '0001_init'");
+    let edited = migrate(&db.url());
+    assert!(!edited.status.success());
+    let stderr = String::from_utf8_lossy(&edited.stderr);
+    assert!(stderr.contains("0001_init was edited after it was applied"), "{stderr}");
+}
+
+#[test]
+fn restart_resumes_from_mysql_when_it_is_ahead_of_the_local_cursor() {
+    let db = migrated_db();
+    let mut agent = Agent::start(&mysql_section(&db.url()));
+    let acked = send_all(&mut agent.connect(), &(0..300).map(metric_line).collect::<Vec<_>>());
+    db.wait_for_rows("dd_metrics", 300, 60);
+    assert!(agent.stop().success());
+    // Simulate a crash between COMMIT and the local cursor update: wind the local cursor back.
+    {
+        let wal = Wal::open(&agent.wal_dir, WalOptions::default()).unwrap();
+        wal.set_cursor("mysql", 0).unwrap();
+        wal.close().unwrap();
+    }
+    // Remove a row: if the agent re-sent from the local cursor, it would come back.
+    db.exec("DELETE FROM dd_metrics WHERE event_id = 'm-0'");
+    agent.restart();
+    let started = Instant::now();
+    let more = send_all(&mut agent.connect(), &[metric_line(1000)]);
+    db.wait_for_rows("dd_metrics", 300, 30);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let stored: HashSet<String> = stored_ids(&db).into_iter().collect();
+    assert!(!stored.contains("m-0"), "the agent re-sent what MySQL already had");
+    assert!(stored.contains(&more[0]));
+    assert_eq!(acked.len(), 300);
+}
