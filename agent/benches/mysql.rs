@@ -1,0 +1,622 @@
+//! MySQL write paths compared in one run, on the same MariaDB and the same row shapes (75% metrics, 25%
+//! trades): (a) the old way, (b) the old review's fix, (c) LOAD DATA, the ceiling, (d) the agent draining a
+//! backlog, (e) the agent end to end; then a one-minute outage under 5,000 events/s offered.
+//!
+//! `cargo bench -p telemetry-agent --bench mysql`. Environment: TELEMETRY_TEST_MYSQL_URL (server, no
+//! database), BENCH_ROWS (rows for a/b/c/e, default 200000), BENCH_BACKLOG (d, default 500000),
+//! BENCH_PREFILL (rows already in the tables for the second pass, default 5000000; 0 skips it),
+//! BENCH_OUTAGE_SECS (default 60; 0 skips the outage run).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
+    runtime.block_on(bench());
+}
+
+async fn bench() {
+    let server = std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let rows = env_usize("BENCH_ROWS", 200_000);
+    let backlog = env_usize("BENCH_BACKLOG", 500_000);
+    let prefill = env_usize("BENCH_PREFILL", 5_000_000);
+    let outage_secs = env_usize("BENCH_OUTAGE_SECS", 60) as u64;
+
+    let mut passes = vec![0];
+    if prefill > 0 {
+        passes.push(prefill);
+    }
+    for prefilled in passes {
+        let db = Database::create(&server).await;
+        if prefilled > 0 {
+            eprintln!("prefilling {prefilled} rows with time-ordered ids ...");
+            let started = Instant::now();
+            let mut done = 0;
+            while done < prefilled {
+                let n = (prefilled - done).min(250_000);
+                load_data(&db.pool, &shapes("pre", done, n)).await;
+                done += n;
+                eprint!("\r  {done}/{prefilled} ({:.0} rows/s)", done as f64 / started.elapsed().as_secs_f64());
+            }
+            eprintln!();
+        }
+        println!("\n### tables holding {prefilled} rows at start\n");
+        println!("| way | rows | rows/s | connections | server CPU s / 100k rows | agent peak RSS |");
+        println!("|---|---|---|---|---|---|");
+        let old_rows = rows.min(60_000);
+        let a = measure(&db, old_rows, || old_way(&db.url, shapes("a", 0, old_rows), 30)).await;
+        a.print("(a) 30 connections, one autocommit INSERT per row", 30, None);
+        let b = measure(&db, rows, || review_fix(&db.url, shapes("b", 0, rows))).await;
+        b.print("(b) pool of 5, 50-row INSERT per commit", 5, None);
+        let c_rows = shapes("c", 0, rows);
+        let c = measure(&db, rows, || load_data(&db.pool, &c_rows)).await;
+        c.print("(c) LOAD DATA LOCAL INFILE, one connection", 1, None);
+        let (d, d_conns, d_rss) = agent_catch_up(&db, backlog).await;
+        d.print("(d) agent catch-up of a WAL backlog", d_conns, Some(d_rss));
+        let (e, e_conns, e_rss) = agent_end_to_end(&db, rows).await;
+        e.print("(e) agent end to end, 64 clients", e_conns, Some(e_rss));
+        println!();
+        println!(
+            "ratios: (d)/(c) = {:.2}, (d)/(b) = {:.2}, (e)/(c) = {:.2}; server CPU per row (d)/(b) = {:.2}, (e)/(b) = {:.2}",
+            d.rate() / c.rate(),
+            d.rate() / b.rate(),
+            e.rate() / c.rate(),
+            d.cpu_per_100k() / b.cpu_per_100k(),
+            e.cpu_per_100k() / b.cpu_per_100k()
+        );
+        db.drop().await;
+    }
+    if outage_secs > 0 {
+        let db = Database::create(&server).await;
+        outage_run(&db, outage_secs).await;
+        db.drop().await;
+    }
+}
+
+struct Measured {
+    rows: usize,
+    elapsed: Duration,
+    server_cpu: f64,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64()
+    }
+    fn cpu_per_100k(&self) -> f64 {
+        self.server_cpu / self.rows as f64 * 100_000.0
+    }
+    fn print(&self, way: &str, connections: u64, rss_kib: Option<u64>) {
+        println!(
+            "| {way} | {} | {:.0} | {connections} | {:.2} | {} |",
+            self.rows,
+            self.rate(),
+            self.cpu_per_100k(),
+            rss_kib.map_or("-".to_string(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
+        );
+    }
+}
+
+async fn measure<F, Fut>(db: &Database, rows: usize, f: F) -> Measured
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let before = (db.count().await, server_cpu_seconds());
+    let started = Instant::now();
+    f().await;
+    let elapsed = started.elapsed();
+    let after = db.count().await;
+    assert_eq!(after - before.0, rows as u64, "rows written do not match");
+    Measured { rows, elapsed, server_cpu: server_cpu_seconds() - before.1 }
+}
+
+/// utime + stime of mariadbd (or mysqld), in seconds.
+fn server_cpu_seconds() -> f64 {
+    let pid = ["mariadbd", "mysqld"].iter().find_map(|name| {
+        let out = Command::new("pidof").arg(name).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next()?.parse::<u32>().ok()
+    });
+    let Some(pid) = pid else { return 0.0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Row shapes shared by every way of writing.
+
+enum Shape {
+    Metric { event_id: String, profile: String, name: String, value: f64, ts: (u32, u32), tags: String },
+    Trade { event_id: String, profile: String, qty: String, price: String, pnl: String, ts: (u32, u32), meta: String },
+}
+
+/// `n` rows, 3 metrics then a trade; time-ordered event ids `{prefix}-{i:012}`. `ts` is (seconds into the
+/// day, microseconds) on 2026-11-27.
+fn shapes(prefix: &str, from: usize, n: usize) -> Vec<Shape> {
+    (from..from + n)
+        .map(|i| {
+            let event_id = format!("{prefix}-{i:012}");
+            let profile = format!("p-{:03}", i % 300);
+            let ts = ((i / 1_000_000 % 86_400) as u32, (i % 1_000_000) as u32);
+            if i % 4 == 3 {
+                Shape::Trade {
+                    event_id,
+                    profile,
+                    qty: format!("0.{:08}", i % 100_000_000),
+                    price: format!("43000.{:02}", i % 100),
+                    pnl: "-1.5".into(),
+                    ts,
+                    meta: format!(r#"{{"strategy":"grid","i":{i}}}"#),
+                }
+            } else {
+                Shape::Metric {
+                    event_id,
+                    profile,
+                    name: ["equity", "drawdown", "exposure"][i % 3].into(),
+                    value: i as f64 + 0.5,
+                    ts,
+                    tags: r#"{"script":"risk"}"#.into(),
+                }
+            }
+        })
+        .collect()
+}
+
+fn dt((secs, us): (u32, u32)) -> Value {
+    Value::Date(2026, 11, 27, (secs / 3600) as u8, (secs / 60 % 60) as u8, (secs % 60) as u8, us)
+}
+
+fn dt_text((secs, us): (u32, u32)) -> String {
+    format!("2026-11-27 {:02}:{:02}:{:02}.{us:06}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+const METRIC_INSERT: &str = "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, tags, received_at) VALUES ";
+const METRIC_ROW: &str = "(?,'bench',0,?,?,?,?,?,UTC_TIMESTAMP(6))";
+const TRADE_INSERT: &str = "INSERT INTO dd_trade_performance (event_id, agent_id, wal_seq, profile_id, symbol, side, quantity, price, pnl, fees, opened_at, closed_at, meta, received_at) VALUES ";
+const TRADE_ROW: &str = "(?,'bench',0,?,'BTCUSDT','sell',?,?,?,'0.02',NULL,?,?,UTC_TIMESTAMP(6))";
+
+fn params(shape: &Shape) -> Vec<Value> {
+    match shape {
+        Shape::Metric { event_id, profile, name, value, ts, tags } => vec![
+            event_id.as_str().into(),
+            profile.as_str().into(),
+            name.as_str().into(),
+            (*value).into(),
+            dt(*ts),
+            tags.as_str().into(),
+        ],
+        Shape::Trade { event_id, profile, qty, price, pnl, ts, meta } => vec![
+            event_id.as_str().into(),
+            profile.as_str().into(),
+            qty.as_str().into(),
+            price.as_str().into(),
+            pnl.as_str().into(),
+            dt(*ts),
+            meta.as_str().into(),
+        ],
+    }
+}
+
+fn multi_insert(head: &str, row: &str, n: usize) -> String {
+    format!("{head}{}", vec![row; n].join(","))
+}
+
+/// (a): each of `connections` connections inserts its share one row per autocommit statement.
+async fn old_way(url: &str, rows: Vec<Shape>, connections: usize) {
+    let rows = Arc::new(rows);
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let (rows, url) = (rows.clone(), url.to_string());
+            tokio::spawn(async move {
+                let mut conn = mysql_async::Conn::new(Opts::from_url(&url).expect("url")).await.expect("connect");
+                for shape in rows.iter().skip(c).step_by(connections) {
+                    let sql = match shape {
+                        Shape::Metric { .. } => multi_insert(METRIC_INSERT, METRIC_ROW, 1),
+                        Shape::Trade { .. } => multi_insert(TRADE_INSERT, TRADE_ROW, 1),
+                    };
+                    conn.exec_drop(sql, params(shape)).await.expect("insert");
+                }
+                conn.disconnect().await.expect("disconnect");
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+}
+
+/// (b): a pool of 5; each task takes 50 rows and inserts them with one multi-row INSERT per table, committed.
+async fn review_fix(url: &str, rows: Vec<Shape>) {
+    let chunks: Vec<Vec<Shape>> = {
+        let mut chunks = Vec::new();
+        let mut it = rows.into_iter().peekable();
+        while it.peek().is_some() {
+            chunks.push(it.by_ref().take(50).collect());
+        }
+        chunks
+    };
+    let queue = Arc::new(std::sync::Mutex::new(chunks));
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let (queue, url) = (queue.clone(), url.to_string());
+            tokio::spawn(async move {
+                let mut conn = mysql_async::Conn::new(Opts::from_url(&url).expect("url")).await.expect("connect");
+                loop {
+                    let Some(chunk) = queue.lock().expect("queue").pop() else { break };
+                    let (metrics, trades): (Vec<&Shape>, Vec<&Shape>) =
+                        chunk.iter().partition(|s| matches!(s, Shape::Metric { .. }));
+                    let mut tx = conn.start_transaction(Default::default()).await.expect("begin");
+                    for (head, row, group) in [(METRIC_INSERT, METRIC_ROW, metrics), (TRADE_INSERT, TRADE_ROW, trades)] {
+                        if !group.is_empty() {
+                            let params: Vec<Value> = group.iter().flat_map(|s| params(s)).collect();
+                            tx.exec_drop(multi_insert(head, row, group.len()), params).await.expect("insert");
+                        }
+                    }
+                    tx.commit().await.expect("commit");
+                }
+                conn.disconnect().await.expect("disconnect");
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+}
+
+/// (c): LOAD DATA LOCAL INFILE, one connection, one load per table.
+async fn load_data(pool: &Pool, rows: &[Shape]) {
+    let mut metrics = String::new();
+    let mut trades = String::new();
+    for shape in rows {
+        match shape {
+            Shape::Metric { event_id, profile, name, value, ts, tags } => {
+                metrics.push_str(&format!("{event_id}\tbench\t0\t{profile}\t{name}\t{value}\t{}\t{tags}\n", dt_text(*ts)))
+            }
+            Shape::Trade { event_id, profile, qty, price, pnl, ts, meta } => trades.push_str(&format!(
+                "{event_id}\tbench\t0\t{profile}\tBTCUSDT\tsell\t{qty}\t{price}\t{pnl}\t0.02\t\\N\t{}\t{meta}\n",
+                dt_text(*ts)
+            )),
+        }
+    }
+    let mut conn = pool.get_conn().await.expect("connect");
+    for (table, columns, data) in [
+        ("dd_metrics", "event_id, agent_id, wal_seq, profile_id, name, value, ts, tags", metrics),
+        (
+            "dd_trade_performance",
+            "event_id, agent_id, wal_seq, profile_id, symbol, side, quantity, price, pnl, fees, opened_at, closed_at, meta",
+            trades,
+        ),
+    ] {
+        let data = Bytes::from(data);
+        conn.set_infile_handler(async move { Ok(futures::stream::iter([Ok(data)]).boxed()) });
+        conn.query_drop(format!(
+            "LOAD DATA LOCAL INFILE 'rows' INTO TABLE {table} ({columns}) SET received_at = UTC_TIMESTAMP(6)"
+        ))
+        .await
+        .expect("LOAD DATA");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The agent.
+
+/// (d): the agent stores a backlog while MySQL is unreachable (a closed gate), then drains it.
+async fn agent_catch_up(db: &Database, backlog: usize) -> (Measured, u64, u64) {
+    let gate = Gate::start().await;
+    gate.open.store(false, Ordering::SeqCst);
+    let agent = Agent::start(&db.url_via(gate.port));
+    eprintln!("(d) storing a backlog of {backlog} events while MySQL is unreachable ...");
+    send_events(agent.socket.clone(), 64, backlog, "d", None).await;
+    let before = (db.count().await, server_cpu_seconds());
+    gate.open.store(true, Ordering::SeqCst);
+    let (first, last) = wait_rows(db, before.0, backlog as u64, "(d) draining").await;
+    let measured = Measured { rows: backlog, elapsed: last - first, server_cpu: server_cpu_seconds() - before.1 };
+    (measured, gate.max_open.load(Ordering::SeqCst), agent.peak_rss_kib())
+}
+
+/// (e): 64 clients pipeline events into the socket; from the first send until the last row is committed.
+async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
+    let gate = Gate::start().await;
+    let agent = Agent::start(&db.url_via(gate.port));
+    let before = (db.count().await, server_cpu_seconds());
+    let started = Instant::now();
+    let sending = tokio::spawn(send_events(agent.socket.clone(), 64, rows, "e", None));
+    wait_rows(db, before.0, rows as u64, "(e) end to end").await;
+    sending.await.expect("senders");
+    let measured = Measured { rows, elapsed: started.elapsed(), server_cpu: server_cpu_seconds() - before.1 };
+    (measured, gate.max_open.load(Ordering::SeqCst), agent.peak_rss_kib())
+}
+
+/// 5,000 events/s offered; MySQL unreachable for `outage_secs` after 10 s; reports how fast the backlog drains
+/// while new events keep arriving.
+async fn outage_run(db: &Database, outage_secs: u64) {
+    let gate = Gate::start().await;
+    let agent = Agent::start(&db.url_via(gate.port));
+    let rate = 5_000;
+    let total = rate * (10 + outage_secs as usize + 60);
+    let sent = Arc::new(AtomicU64::new(0));
+    let sending = tokio::spawn(send_events(agent.socket.clone(), 64, total, "o", Some((rate, sent.clone()))));
+    println!("\n### outage: {rate} events/s offered, MySQL unreachable for {outage_secs} s\n");
+    println!("| t (s) | sent | in MySQL | backlog |");
+    println!("|---|---|---|---|");
+    let started = Instant::now();
+    let mut reopened_at = None;
+    let mut drained = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let t = started.elapsed().as_secs();
+        if t >= 10 && t < 10 + outage_secs {
+            gate.open.store(false, Ordering::SeqCst);
+        } else if t >= 10 + outage_secs && reopened_at.is_none() {
+            gate.open.store(true, Ordering::SeqCst);
+            reopened_at = Some((Instant::now(), sent.load(Ordering::SeqCst).saturating_sub(db.count().await)));
+        }
+        let (sent_now, stored) = (sent.load(Ordering::SeqCst), db.count().await);
+        println!("| {t} | {sent_now} | {stored} | {} |", sent_now.saturating_sub(stored));
+        if let (Some((at, backlog)), None) = (reopened_at, drained) {
+            if sent_now.saturating_sub(stored) < rate as u64 / 2 {
+                drained = Some((at.elapsed(), backlog));
+            }
+        }
+        if sending.is_finished() && stored >= sent_now {
+            break;
+        }
+    }
+    match drained {
+        Some((took, backlog)) => println!(
+            "\nbacklog of {backlog} events at reconnect drained in {:.1} s while {rate}/s kept arriving: \
+             drain rate {:.0} events/s above the arrival rate",
+            took.as_secs_f64(),
+            backlog as f64 / took.as_secs_f64().max(0.001)
+        ),
+        None => println!("\nthe backlog did not drain"),
+    }
+}
+
+async fn wait_rows(db: &Database, base: u64, n: u64, label: &str) -> (Instant, Instant) {
+    let mut first = None;
+    let started = Instant::now();
+    loop {
+        let have = db.count().await - base;
+        if have > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        eprint!("\r{label}: {have}/{n} rows ({:.0} s)", started.elapsed().as_secs_f64());
+        if have >= n {
+            eprintln!();
+            return (first.unwrap_or(started), Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `total` events (75% metrics) from `clients` pipelining connections; paced at `rate` if given.
+async fn send_events(socket: PathBuf, clients: usize, total: usize, prefix: &'static str, rate: Option<(usize, Arc<AtomicU64>)>) {
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let per_client = total / clients + usize::from(c < total % clients);
+            let socket = socket.clone();
+            let rate = rate.clone();
+            tokio::spawn(async move {
+                let stream = tokio::net::UnixStream::connect(&socket).await.expect("connect");
+                let (read, write) = stream.into_split();
+                let reader = tokio::spawn(async move {
+                    let mut lines = BufReader::new(read).lines();
+                    let mut n = 0;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        assert!(line.starts_with("{\"ok\":true"), "{line}");
+                        n += 1;
+                        if n == per_client {
+                            break;
+                        }
+                    }
+                });
+                let mut out = BufWriter::new(write);
+                let mut tick = rate.as_ref().map(|(r, _)| tokio::time::interval(Duration::from_secs_f64(clients as f64 / *r as f64)));
+                for i in 0..per_client {
+                    if let Some(tick) = &mut tick {
+                        tick.tick().await;
+                    }
+                    let n = i * clients + c;
+                    let line = if n % 4 == 3 {
+                        format!(
+                            "{{\"kind\":\"trade\",\"profile_id\":\"p-{:03}\",\"symbol\":\"BTCUSDT\",\"side\":\"sell\",\"quantity\":\"0.5\",\"price\":\"43000.10\",\"pnl\":-1.5,\"fees\":\"0.02\",\"meta\":{{\"strategy\":\"grid\",\"i\":{n}}},\"event_id\":\"{prefix}-{n:012}\"}}\n",
+                            n % 300
+                        )
+                    } else {
+                        format!(
+                            "{{\"kind\":\"metric\",\"profile_id\":\"p-{:03}\",\"name\":\"equity\",\"value\":{n}.5,\"tags\":{{\"script\":\"risk\"}}}}\n",
+                            n % 300
+                        )
+                    };
+                    out.write_all(line.as_bytes()).await.expect("write");
+                    if let Some((_, sent)) = &rate {
+                        out.flush().await.expect("flush");
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                out.flush().await.expect("flush");
+                reader.await.expect("reader");
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("client");
+    }
+}
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    child: Child,
+}
+
+impl Agent {
+    fn start(mysql_url: &str) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("agent.sock");
+        let config = dir.path().join("agent.toml");
+        let mut file = std::fs::File::create(&config).expect("config");
+        writeln!(
+            file,
+            "[agent]\nid = \"bench\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n[mysql]\nurl = {mysql_url:?}\nretry_max_ms = 200\n{}",
+            socket.display().to_string(),
+            dir.path().join("wal").display().to_string(),
+            std::env::var("BENCH_MYSQL_CONFIG").unwrap_or_default().replace(';', "\n"),
+        )
+        .expect("config");
+        let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn agent");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "agent did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Agent { _dir: dir, socket, child }
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP gate in front of MariaDB: closed, it refuses connections and cuts open ones; it counts the most
+/// connections open at once.
+struct Gate {
+    port: u16,
+    open: Arc<AtomicBool>,
+    max_open: Arc<AtomicU64>,
+}
+
+impl Gate {
+    async fn start() -> Gate {
+        let target = mysql_addr();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let open = Arc::new(AtomicBool::new(true));
+        let max_open = Arc::new(AtomicU64::new(0));
+        let now_open = Arc::new(AtomicU64::new(0));
+        let (gate_open, gate_max) = (open.clone(), max_open.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { continue };
+                if !gate_open.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let (gate_open, gate_max, now_open) = (gate_open.clone(), gate_max.clone(), now_open.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    // Without this, Nagle and delayed ACKs add 40 ms to every statement.
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let n = now_open.fetch_add(1, Ordering::SeqCst) + 1;
+                    gate_max.fetch_max(n, Ordering::SeqCst);
+                    let closed = async {
+                        while gate_open.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = closed => {}
+                    }
+                    now_open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Gate { port, open, max_open }
+    }
+}
+
+fn mysql_addr() -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let server = std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let url = url::Url::parse(&server).expect("url");
+    (url.host_str().unwrap_or("127.0.0.1"), url.port().unwrap_or(3306))
+        .to_socket_addrs()
+        .expect("resolve")
+        .next()
+        .expect("address")
+}
+
+struct Database {
+    url: String,
+    name: String,
+    server: String,
+    pool: Pool,
+}
+
+impl Database {
+    async fn create(server: &str) -> Database {
+        let name = format!("tat_bench_{}", std::process::id());
+        let mut admin = mysql_async::Conn::new(Opts::from_url(server).expect("url")).await.expect("connect");
+        admin.query_drop(format!("DROP DATABASE IF EXISTS {name}")).await.expect("drop");
+        admin.query_drop(format!("CREATE DATABASE {name}")).await.expect("create");
+        admin.disconnect().await.expect("disconnect");
+        let url = format!("{server}/{name}");
+        let opts = OptsBuilder::from_opts(Opts::from_url(&url).expect("url"))
+            .prefer_socket(false)
+            .pool_opts(PoolOpts::default().with_constraints(PoolConstraints::new(0, 2).expect("constraints")));
+        let pool = Pool::new(opts);
+        let mut conn = pool.get_conn().await.expect("connect");
+        telemetry_agent::migrate::migrate(&mut conn).await.expect("migrate");
+        Database { url, name, server: server.to_string(), pool }
+    }
+
+    fn url_via(&self, port: u16) -> String {
+        let mut url = url::Url::parse(&self.url).expect("url");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(port)).expect("port");
+        url.to_string()
+    }
+
+    async fn count(&self) -> u64 {
+        let mut conn = self.pool.get_conn().await.expect("connect");
+        // Exact counts: the tables are InnoDB, so this scans; the benches keep it off the timed paths where
+        // they can (it is polled every 50 ms in d/e, a small constant cost for both).
+        let metrics: u64 = conn.query_first("SELECT COUNT(*) FROM dd_metrics").await.expect("count").unwrap_or(0);
+        let trades: u64 = conn.query_first("SELECT COUNT(*) FROM dd_trade_performance").await.expect("count").unwrap_or(0);
+        metrics + trades
+    }
+
+    async fn drop(self) {
+        let _ = self.pool.disconnect().await;
+        if let Ok(mut admin) = mysql_async::Conn::new(Opts::from_url(&self.server).expect("url")).await {
+            let _ = admin.query_drop(format!("DROP DATABASE IF EXISTS {}", self.name)).await;
+            let _ = admin.disconnect().await;
+        }
+    }
+}
