@@ -7,4 +7,4 @@ command -v cargo >/dev/null || { echo "test: cargo not found; install Rust from 
 # shellcheck source=scripts/services.sh
 source scripts/services.sh
 echo "test: MySQL at ${TELEMETRY_TEST_MYSQL_URL//:*@/:****@}, Redis at $TELEMETRY_TEST_REDIS_URL" >&2
-cargo test --workspace "$@"
+cargo test --workspace --features telemetry-wal/failpoints "$@"

@@ -134,7 +134,8 @@ fn server_cpu_seconds() -> f64 {
     let Some(pid) = pid else { return 0.0 };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -187,7 +188,8 @@ fn dt_text((secs, us): (u32, u32)) -> String {
     format!("2026-11-27 {:02}:{:02}:{:02}.{us:06}", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
-const METRIC_INSERT: &str = "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, tags, received_at) VALUES ";
+const METRIC_INSERT: &str =
+    "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, tags, received_at) VALUES ";
 const METRIC_ROW: &str = "(?,'bench',0,?,?,?,?,?,UTC_TIMESTAMP(6))";
 const TRADE_INSERT: &str = "INSERT INTO dd_trade_performance (event_id, agent_id, wal_seq, profile_id, symbol, side, quantity, price, pnl, fees, opened_at, closed_at, meta, received_at) VALUES ";
 const TRADE_ROW: &str = "(?,'bench',0,?,'BTCUSDT','sell',?,?,?,'0.02',NULL,?,?,UTC_TIMESTAMP(6))";
@@ -263,7 +265,8 @@ async fn review_fix(url: &str, rows: Vec<Shape>) {
                     let (metrics, trades): (Vec<&Shape>, Vec<&Shape>) =
                         chunk.iter().partition(|s| matches!(s, Shape::Metric { .. }));
                     let mut tx = conn.start_transaction(Default::default()).await.expect("begin");
-                    for (head, row, group) in [(METRIC_INSERT, METRIC_ROW, metrics), (TRADE_INSERT, TRADE_ROW, trades)] {
+                    for (head, row, group) in [(METRIC_INSERT, METRIC_ROW, metrics), (TRADE_INSERT, TRADE_ROW, trades)]
+                    {
                         if !group.is_empty() {
                             let params: Vec<Value> = group.iter().flat_map(|s| params(s)).collect();
                             tx.exec_drop(multi_insert(head, row, group.len()), params).await.expect("insert");
@@ -286,9 +289,8 @@ async fn load_data(pool: &Pool, rows: &[Shape]) {
     let mut trades = String::new();
     for shape in rows {
         match shape {
-            Shape::Metric { event_id, profile, name, value, ts, tags } => {
-                metrics.push_str(&format!("{event_id}\tbench\t0\t{profile}\t{name}\t{value}\t{}\t{tags}\n", dt_text(*ts)))
-            }
+            Shape::Metric { event_id, profile, name, value, ts, tags } => metrics
+                .push_str(&format!("{event_id}\tbench\t0\t{profile}\t{name}\t{value}\t{}\t{tags}\n", dt_text(*ts))),
             Shape::Trade { event_id, profile, qty, price, pnl, ts, meta } => trades.push_str(&format!(
                 "{event_id}\tbench\t0\t{profile}\tBTCUSDT\tsell\t{qty}\t{price}\t{pnl}\t0.02\t\\N\t{}\t{meta}\n",
                 dt_text(*ts)
@@ -408,7 +410,13 @@ async fn wait_rows(db: &Database, base: u64, n: u64, label: &str) -> (Instant, I
 }
 
 /// `total` events (75% metrics) from `clients` pipelining connections; paced at `rate` if given.
-async fn send_events(socket: PathBuf, clients: usize, total: usize, prefix: &'static str, rate: Option<(usize, Arc<AtomicU64>)>) {
+async fn send_events(
+    socket: PathBuf,
+    clients: usize,
+    total: usize,
+    prefix: &'static str,
+    rate: Option<(usize, Arc<AtomicU64>)>,
+) {
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let per_client = total / clients + usize::from(c < total % clients);
@@ -608,7 +616,8 @@ impl Database {
         // Exact counts: the tables are InnoDB, so this scans; the benches keep it off the timed paths where
         // they can (it is polled every 50 ms in d/e, a small constant cost for both).
         let metrics: u64 = conn.query_first("SELECT COUNT(*) FROM dd_metrics").await.expect("count").unwrap_or(0);
-        let trades: u64 = conn.query_first("SELECT COUNT(*) FROM dd_trade_performance").await.expect("count").unwrap_or(0);
+        let trades: u64 =
+            conn.query_first("SELECT COUNT(*) FROM dd_trade_performance").await.expect("count").unwrap_or(0);
         metrics + trades
     }
 

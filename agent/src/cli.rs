@@ -143,6 +143,9 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     drop(runtime);
     result?;
     closed?;
+    if let Some(failure) = wal.failure() {
+        bail!("stopped after a WAL failure: {failure}");
+    }
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
@@ -155,6 +158,7 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         agent_id: agent_id.clone(),
         max_line_bytes: ingest.max_line_bytes,
         max_pending: ingest.max_pending_per_connection,
+        inflight_bytes: Arc::new(tokio::sync::Semaphore::new(ingest.max_inflight_bytes)),
         overload_timeout: Duration::from_millis(ingest.overload_timeout_ms),
         idle_timeout: (ingest.idle_timeout_secs > 0).then(|| Duration::from_secs(ingest.idle_timeout_secs)),
         counters: Default::default(),
@@ -176,7 +180,13 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         sinks = ?config.enabled_sinks(),
         "telemetry-agent ready"
     );
-    Listener::new(listener, context, ingest.max_connections).serve(shutdown_signal()).await;
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = wal_failure(wal) => {}
+        }
+    };
+    Listener::new(listener, context, ingest.max_connections).serve(stop).await;
     let _ = stop_tx.send(true);
     if let Some(forwarder) = forwarder {
         let _ = forwarder.await;
@@ -195,6 +205,18 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Resolves when the WAL stopped after a write failure: the agent then exits non-zero so that its supervisor
+/// restarts it and sled's recovery establishes what is durable.
+async fn wal_failure(wal: &Wal) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(failure) = wal.failure() {
+            tracing::error!(failure, "the WAL failed; stopping so that a restart can recover it");
+            return;
+        }
     }
 }
 

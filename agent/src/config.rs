@@ -45,6 +45,8 @@ pub struct IngestConfig {
     pub max_pending_per_connection: usize,
     /// How long a line may wait for room in the WAL queue before it is answered `overloaded`.
     pub overload_timeout_ms: u64,
+    /// Bytes of events read but not yet answered, across all connections (bounds memory).
+    pub max_inflight_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +139,7 @@ impl Default for IngestConfig {
             idle_timeout_secs: 0,
             max_pending_per_connection: 128,
             overload_timeout_ms: 2000,
+            max_inflight_bytes: 64 << 20,
         }
     }
 }
@@ -194,6 +197,12 @@ impl Config {
             if value == 0 {
                 bail!("{key} must be at least 1");
             }
+        }
+        if ingest.max_inflight_bytes < MAX_LINE_BYTES_LIMIT {
+            bail!(
+                "[ingest] max_inflight_bytes must be at least {MAX_LINE_BYTES_LIMIT}, not {}",
+                ingest.max_inflight_bytes
+            );
         }
         if self.wal.max_bytes < 16 << 20 {
             bail!("[wal] max_bytes must be at least 16 MiB (16777216), not {}", self.wal.max_bytes);

@@ -19,8 +19,8 @@ use telemetry_wal::{Appender, Pending, WalError};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, Semaphore};
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
 
 use crate::event::{effective_event_id, now_us, parse_line, Rejection};
 
@@ -30,6 +30,8 @@ pub struct IngestContext {
     pub agent_id: String,
     pub max_line_bytes: usize,
     pub max_pending: usize,
+    /// Bytes of events read but not yet answered, across all connections: bounds memory whatever clients do.
+    pub inflight_bytes: Arc<Semaphore>,
     pub overload_timeout: Duration,
     /// `None`: idle connections stay open.
     pub idle_timeout: Option<Duration>,
@@ -41,6 +43,31 @@ pub struct Counters {
     pub connected: AtomicU64,
     pub acked: AtomicU64,
     pub rejected: AtomicU64,
+}
+
+/// How long, after SIGTERM, answers may take to reach clients that do not read them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Lines end with `\n`. Bytes left without one when the stream ends are a line cut off by a dropped
+/// connection: they are discarded, never parsed (tokio's codec would hand them out as a last line).
+struct LineCodec(AnyDelimiterCodec);
+
+impl Decoder for LineCodec {
+    type Item = Bytes;
+    type Error = AnyDelimiterCodecError;
+
+    fn decode(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<Bytes>, Self::Error> {
+        self.0.decode(buf)
+    }
+
+    fn decode_eof(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<Bytes>, Self::Error> {
+        let line = self.0.decode(buf)?;
+        if line.is_none() && !buf.is_empty() {
+            tracing::debug!(bytes = buf.len(), "discarding an incomplete last line");
+            buf.clear();
+        }
+        Ok(line)
+    }
 }
 
 /// Binds the socket: replaces a stale socket file only if nothing answers on it, then sets its mode and group.
@@ -157,14 +184,14 @@ struct Handler {
 /// An answer in the making, queued in line order.
 enum Reply {
     Ready(Vec<u8>),
-    Durable { pending: Pending, event_id: Option<String>, profile_id: String },
+    Durable { pending: Pending, event_id: Option<String>, profile_id: String, _inflight: OwnedSemaphorePermit },
 }
 
 impl Handler {
     async fn run(mut self, stream: UnixStream) {
         let (read, write) = stream.into_split();
         let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), self.context.max_line_bytes);
-        let mut lines = FramedRead::new(read, codec);
+        let mut lines = FramedRead::new(read, LineCodec(codec));
         // Bounded: a client that does not read its answers stops being read, and memory stays bounded.
         let (replies_tx, replies_rx) = mpsc::channel(self.context.max_pending);
         let writer = tokio::spawn(write_replies(write, replies_rx, self.context.clone()));
@@ -212,12 +239,25 @@ impl Handler {
                     break;
                 }
             };
-            if replies_tx.send(reply).await.is_err() {
-                break; // The client is gone.
+            // A client that does not read its answers fills this queue; shutdown must not wait on it.
+            tokio::select! {
+                sent = replies_tx.send(reply) => if sent.is_err() { break }, // The client is gone.
+                _ = self.shutdown.recv() => break,
             }
         }
         drop(replies_tx);
-        let _ = writer.await;
+        // Answers for events already durable go out, within a grace period once shutdown has begun.
+        let mut writer = writer;
+        tokio::select! {
+            _ = &mut writer => {}
+            _ = async {
+                let _ = self.shutdown.recv().await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::warn!("a client did not read its answers during shutdown; closing it");
+                writer.abort();
+            }
+        }
     }
 
     async fn handle_line(&self, line: Bytes) -> Reply {
@@ -229,17 +269,26 @@ impl Handler {
                 return Reply::Ready(error_line(code, &error));
             }
         };
-        let append = self.context.appender.append(event.encode());
-        match tokio::time::timeout(self.context.overload_timeout, append).await {
-            Ok(Ok(pending)) => Reply::Durable {
+        let payload = event.encode();
+        let admitted = async {
+            // Lines are at most 96 KiB, so a permit count always fits.
+            let bytes = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+            let permit = self.context.inflight_bytes.clone().acquire_many_owned(bytes).await.ok()?;
+            let pending = self.context.appender.append(payload).await;
+            Some((permit, pending))
+        };
+        match tokio::time::timeout(self.context.overload_timeout, admitted).await {
+            Ok(Some((permit, Ok(pending)))) => Reply::Durable {
                 pending,
                 event_id: event.client_event_id().map(str::to_string),
                 profile_id: event.profile_id().to_string(),
+                _inflight: permit,
             },
-            Ok(Err(e)) => Reply::Ready(wal_error_line(&e, event.profile_id())),
+            Ok(Some((_, Err(e)))) => Reply::Ready(wal_error_line(&e, event.profile_id())),
+            Ok(None) => Reply::Ready(error_line("shutting_down", "the agent is shutting down")),
             Err(_) => {
-                tracing::warn!(profile_id = event.profile_id(), "WAL queue full; answered overloaded");
-                Reply::Ready(error_line("overloaded", "the WAL cannot keep up; retry later"))
+                tracing::warn!(profile_id = event.profile_id(), "ingest queue full; answered overloaded");
+                Reply::Ready(error_line("overloaded", "the agent cannot keep up; retry later"))
             }
         }
     }
@@ -251,7 +300,7 @@ async fn write_replies(write: OwnedWriteHalf, mut replies: mpsc::Receiver<Reply>
     while let Some(reply) = replies.recv().await {
         let line = match reply {
             Reply::Ready(line) => line,
-            Reply::Durable { pending, event_id, profile_id } => match pending.durable().await {
+            Reply::Durable { pending, event_id, profile_id, _inflight } => match pending.durable().await {
                 Ok(seq) => {
                     context.counters.acked.fetch_add(1, Ordering::Relaxed);
                     let event_id = effective_event_id(event_id.as_deref(), &context.agent_id, seq);
@@ -275,6 +324,7 @@ fn wal_error_line(e: &WalError, profile_id: &str) -> Vec<u8> {
     let code = match e {
         WalError::Full { .. } => "wal_full",
         WalError::Closed => "shutting_down",
+        // The agent stops itself after a WAL failure; a restarted agent takes the event.
         WalError::TooLarge { .. } => "invalid_event",
         _ => "internal",
     };

@@ -29,6 +29,10 @@ pub enum WalError {
     #[error("WAL in {}: cannot {what}: {source}", dir.display())]
     Storage { dir: PathBuf, what: &'static str, source: sled::Error },
 
+    /// An earlier write or sync failed; nothing more is accepted until the process restarts.
+    #[error("WAL in {} stopped after a write failure ({detail}); restart the agent", dir.display())]
+    Failed { dir: PathBuf, detail: String },
+
     #[error("{}: cannot {what}: {source}", path.display())]
     Io { path: PathBuf, what: &'static str, source: std::io::Error },
 }
@@ -57,8 +61,9 @@ impl WalError {
             WalError::Locked { dir, holder } => WalError::Locked { dir: dir.clone(), holder: holder.clone() },
             WalError::Corrupt { dir, detail } => WalError::Corrupt { dir: dir.clone(), detail: detail.clone() },
             WalError::Storage { dir, what, source } => {
-                WalError::Corrupt { dir: dir.clone(), detail: format!("cannot {what}: {source}") }
+                WalError::Failed { dir: dir.clone(), detail: format!("cannot {what}: {source}") }
             }
+            WalError::Failed { dir, detail } => WalError::Failed { dir: dir.clone(), detail: detail.clone() },
             WalError::Io { path, what, source } => WalError::Io {
                 path: path.clone(),
                 what,

@@ -145,6 +145,10 @@ struct Shared {
     appended_seq: AtomicU64,
     /// Set when the writer has stopped; the interval flusher stops too.
     closing: AtomicBool,
+    /// The first write, flush or sync failure. After it nothing more is acknowledged: the state on disk is
+    /// unknown (a failed fdatasync may have dropped dirty pages), so only a restart and sled's recovery can
+    /// tell what is durable.
+    failure: Mutex<Option<String>>,
     disk_bytes: AtomicU64,
     /// Bytes of the chunks currently stored (persisted in `meta` with every write).
     live_bytes: AtomicU64,
@@ -157,7 +161,6 @@ struct Shared {
 
 const META_HIGH_WATER: &[u8] = b"high_water";
 const META_SEQ_LEASE: &[u8] = b"seq_lease";
-const META_LIVE_BYTES: &[u8] = b"live_bytes";
 const LABEL_PREFIX: &[u8] = b"label/";
 const LOCK_FILE: &str = "wal.lock";
 /// Requests waiting for the writer; beyond this, `append` waits (backpressure).
@@ -182,17 +185,16 @@ impl Wal {
         sync_dir(&dir.join("sled"))?;
         sync_dir(&dir)?;
 
-        let last_seq = last_durable_seq(&records, &meta, &dir)?;
-        let live_bytes = meta
-            .get(META_LIVE_BYTES)
-            .map_err(|e| WalError::sled(&dir, "read WAL metadata", e))?
-            .map_or(0, |v| be_u64(&v));
+        let scan = scan_records(&records, &dir)?;
+        let last_seq = last_durable_seq(scan.last_seq, &meta, &dir)?;
+        let live_bytes = scan.live_bytes;
         let next_seq = last_seq.map_or(options.first_seq.max(1), |s| s + 1);
         let (durable_seq, _) = watch::channel(next_seq - 1);
         let shared = Arc::new(Shared {
             durable_seq,
             appended_seq: AtomicU64::new(next_seq - 1),
             closing: AtomicBool::new(false),
+            failure: Mutex::new(None),
             disk_bytes: AtomicU64::new(0),
             live_bytes: AtomicU64::new(live_bytes),
             group_commits: AtomicU64::new(0),
@@ -384,12 +386,16 @@ impl Wal {
             .insert(META_HIGH_WATER, &durable.to_be_bytes())
             .map_err(|e| self.sled_err("write the high-water mark", e))?;
         self.inner.records.apply_batch(batch).map_err(|e| self.sled_err("truncate", e))?;
-        let live = self.inner.shared.live_bytes.fetch_sub(freed_bytes, Ordering::Relaxed).saturating_sub(freed_bytes);
-        self.inner.meta.insert(META_LIVE_BYTES, &live.to_be_bytes()).map_err(|e| self.sled_err("write metadata", e))?;
+        self.inner.shared.live_bytes.fetch_sub(freed_bytes, Ordering::Relaxed);
         self.flush()?;
         self.inner.shared.refresh_disk_bytes();
         tracing::debug!(records = removed, upto, "WAL truncated");
         Ok(removed)
+    }
+
+    /// The write failure that stopped the WAL, if any. The process should restart.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.shared.failure()
     }
 
     pub fn stats(&self) -> Result<WalStats, WalError> {
@@ -491,7 +497,27 @@ impl Pending {
 }
 
 impl Shared {
+    pub(crate) fn failure(&self) -> Option<String> {
+        match self.failure.lock() {
+            Ok(failure) => failure.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Records the first failure; later appends are refused with it.
+    pub(crate) fn fail(&self, error: &WalError) {
+        let mut failure = match self.failure.lock() {
+            Ok(failure) => failure,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if failure.is_none() {
+            tracing::error!(error = %error, dir = %self.dir.display(), "WAL write failed; refusing all further appends");
+            *failure = Some(error.to_string());
+        }
+    }
+
     fn sync_data(&self) -> Result<(), WalError> {
+        fail::fail_point!("wal::sync_data", |_| Err(writer::injected(&self.dir, "fdatasync sled's data file")));
         self.data_file.sync_data().map_err(|e| WalError::io(&self.dir, "fdatasync sled's data file", e))?;
         self.data_syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -568,19 +594,30 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| WalError::io(dir, "fsync the directory", e))
 }
 
+struct Scan {
+    last_seq: Option<u64>,
+    live_bytes: u64,
+}
+
+/// Reads every chunk once at open: checks its CRC (a damaged WAL refuses to open rather than fail later, or
+/// be forwarded), and sums what the records hold. Cheap next to what a sink does with the same bytes.
+fn scan_records(records: &sled::Tree, dir: &Path) -> Result<Scan, WalError> {
+    let mut scan = Scan { last_seq: None, live_bytes: 0 };
+    for entry in records.iter() {
+        let (key, value) = entry.map_err(|e| WalError::sled(dir, "read the WAL", e))?;
+        let chunk = Chunk::decode(&key, &value).map_err(|reason| WalError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: format!("chunk at seq {}: {reason}", be_u64(&key)),
+        })?;
+        scan.last_seq = Some(chunk.last_seq());
+        scan.live_bytes += value.len() as u64;
+    }
+    Ok(scan)
+}
+
 /// The newest seq ever made durable: the end of the last chunk, or the high-water mark kept by truncation,
 /// or the lease taken in interval mode, whichever is largest. `None` for a new WAL.
-fn last_durable_seq(records: &sled::Tree, meta: &sled::Tree, dir: &Path) -> Result<Option<u64>, WalError> {
-    let from_records = match records.last().map_err(|e| WalError::sled(dir, "read the WAL", e))? {
-        Some((key, value)) => {
-            let chunk = Chunk::decode(&key, &value).map_err(|reason| WalError::Corrupt {
-                dir: dir.to_path_buf(),
-                detail: format!("last chunk (seq {}): {reason}", be_u64(&key)),
-            })?;
-            Some(chunk.last_seq())
-        }
-        None => None,
-    };
+fn last_durable_seq(from_records: Option<u64>, meta: &sled::Tree, dir: &Path) -> Result<Option<u64>, WalError> {
     let meta_u64 = |key: &[u8]| -> Result<Option<u64>, WalError> {
         Ok(meta.get(key).map_err(|e| WalError::sled(dir, "read WAL metadata", e))?.map(|v| be_u64(&v)))
     };

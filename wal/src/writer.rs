@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chunk::Chunk;
-use crate::{Durability, Shared, WalError, WalOptions, META_LIVE_BYTES, META_SEQ_LEASE};
+use crate::{Durability, Shared, WalError, WalOptions, META_SEQ_LEASE};
 
 pub(crate) enum Request {
     Append { payload: Vec<u8>, reply: oneshot::Sender<Result<u64, WalError>> },
@@ -101,6 +101,14 @@ impl Writer {
 
     /// Writes the group, makes it durable (fsync mode) and answers every waiter.
     fn commit(&mut self, payloads: &mut Vec<Vec<u8>>, waiters: &mut Vec<Waiter>) {
+        if let Some(failure) = self.shared.failure() {
+            for waiter in waiters.drain(..) {
+                let _ =
+                    waiter.reply.send(Err(WalError::Failed { dir: self.shared.dir.clone(), detail: failure.clone() }));
+            }
+            payloads.clear();
+            return;
+        }
         // The cap: refuse what does not fit, in order, and write the rest. sled reuses the space of
         // truncated records, so a directory at the cap that holds few live records still has room.
         let used = self.shared.disk_bytes.load(Ordering::Relaxed);
@@ -131,6 +139,9 @@ impl Writer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, records = accepted.len(), first_seq, "WAL group commit failed");
+                    // The records may be in sled already, and a failed sync leaves the disk's state unknown:
+                    // acknowledging anything later could build on a hole.
+                    self.shared.fail(&e);
                     for waiter in accepted {
                         let _ = waiter.reply.send(Err(e.shared_copy()));
                     }
@@ -175,8 +186,8 @@ impl Writer {
         chunk_bytes_total += value.len() as u64;
         batch.insert(&key, value);
         self.records.apply_batch(batch).map_err(|e| WalError::sled(dir, "append", e))?;
-        let live = self.shared.live_bytes.fetch_add(chunk_bytes_total, Ordering::Relaxed) + chunk_bytes_total;
-        self.meta.insert(META_LIVE_BYTES, &live.to_be_bytes()).map_err(|e| WalError::sled(dir, "append", e))?;
+        fail::fail_point!("wal::after_append", |_| Err(injected(dir, "flush")));
+        self.shared.live_bytes.fetch_add(chunk_bytes_total, Ordering::Relaxed);
         self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
 
         match self.durability {
@@ -210,9 +221,19 @@ pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u
                 }
                 shared.refresh_disk_bytes();
             }
-            Err(e) => tracing::error!(error = %e, "WAL interval flush failed"),
+            Err(e) => {
+                // Nothing past this point may be reported durable; see `Shared::failure`.
+                shared.fail(&e);
+                return;
+            }
         }
     }
+}
+
+/// The error a fail point injects: what a failing disk returns.
+#[cfg(feature = "failpoints")]
+pub(crate) fn injected(dir: &std::path::Path, what: &'static str) -> WalError {
+    WalError::io(dir, what, std::io::Error::other("injected by a fail point"))
 }
 
 pub(crate) fn now_ms() -> u64 {
