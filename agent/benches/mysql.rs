@@ -55,8 +55,8 @@ async fn bench() {
             eprintln!();
         }
         println!("\n### tables holding {prefilled} rows at start\n");
-        println!("| way | rows | rows/s | connections | server CPU s / 100k rows | agent peak RSS |");
-        println!("|---|---|---|---|---|---|");
+        println!("| way | rows | rows/s | connections | server CPU s / 100k rows | agent CPU s / 100k rows | agent peak RSS |");
+        println!("|---|---|---|---|---|---|---|");
         let old_rows = rows.min(60_000);
         let a = measure(&db, old_rows, || old_way(&db.url, shapes("a", 0, old_rows), 30)).await;
         a.print("(a) 30 connections, one autocommit INSERT per row", 30, None);
@@ -91,6 +91,7 @@ struct Measured {
     rows: usize,
     elapsed: Duration,
     server_cpu: f64,
+    agent_cpu: Option<f64>,
 }
 
 impl Measured {
@@ -102,10 +103,11 @@ impl Measured {
     }
     fn print(&self, way: &str, connections: u64, rss_kib: Option<u64>) {
         println!(
-            "| {way} | {} | {:.0} | {connections} | {:.2} | {} |",
+            "| {way} | {} | {:.0} | {connections} | {:.2} | {} | {} |",
             self.rows,
             self.rate(),
             self.cpu_per_100k(),
+            self.agent_cpu.map_or("-".to_string(), |c| format!("{:.2}", c / self.rows as f64 * 100_000.0)),
             rss_kib.map_or("-".to_string(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
         );
     }
@@ -122,7 +124,7 @@ where
     let elapsed = started.elapsed();
     let after = db.count().await;
     assert_eq!(after - before.0, rows as u64, "rows written do not match");
-    Measured { rows, elapsed, server_cpu: server_cpu_seconds() - before.1 }
+    Measured { rows, elapsed, server_cpu: server_cpu_seconds() - before.1, agent_cpu: None }
 }
 
 /// utime + stime of mariadbd (or mysqld), in seconds.
@@ -131,7 +133,10 @@ fn server_cpu_seconds() -> f64 {
         let out = Command::new("pidof").arg(name).output().ok()?;
         String::from_utf8_lossy(&out.stdout).split_whitespace().next()?.parse::<u32>().ok()
     });
-    let Some(pid) = pid else { return 0.0 };
+    pid.map_or(0.0, process_cpu_seconds)
+}
+
+fn process_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
     let fields: Vec<&str> =
@@ -325,11 +330,17 @@ async fn agent_catch_up(db: &Database, backlog: usize) -> (Measured, u64, u64) {
     gate.open.store(false, Ordering::SeqCst);
     let agent = Agent::start(&db.url_via(gate.port));
     eprintln!("(d) storing a backlog of {backlog} events while MySQL is unreachable ...");
-    send_events(agent.socket.clone(), 64, backlog, "d", None).await;
-    let before = (db.count().await, server_cpu_seconds());
+    let last_seq = send_events(agent.socket.clone(), 64, backlog, "d", None).await;
+    let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
     gate.open.store(true, Ordering::SeqCst);
-    let (first, last) = wait_rows(db, before.0, backlog as u64, "(d) draining").await;
-    let measured = Measured { rows: backlog, elapsed: last - first, server_cpu: server_cpu_seconds() - before.1 };
+    let (first, last) = wait_offset(db, last_seq, "(d) draining").await;
+    assert_eq!(db.count().await - before.0, backlog as u64, "(d) rows do not match");
+    let measured = Measured {
+        rows: backlog,
+        elapsed: last - first,
+        server_cpu: server_cpu_seconds() - before.1,
+        agent_cpu: Some(agent.cpu_seconds() - before.2),
+    };
     (measured, gate.max_open.load(Ordering::SeqCst), agent.peak_rss_kib())
 }
 
@@ -337,12 +348,18 @@ async fn agent_catch_up(db: &Database, backlog: usize) -> (Measured, u64, u64) {
 async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
     let gate = Gate::start().await;
     let agent = Agent::start(&db.url_via(gate.port));
-    let before = (db.count().await, server_cpu_seconds());
+    let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
     let started = Instant::now();
-    let sending = tokio::spawn(send_events(agent.socket.clone(), 64, rows, "e", None));
-    wait_rows(db, before.0, rows as u64, "(e) end to end").await;
-    sending.await.expect("senders");
-    let measured = Measured { rows, elapsed: started.elapsed(), server_cpu: server_cpu_seconds() - before.1 };
+    let last_seq = send_events(agent.socket.clone(), 64, rows, "e", None).await;
+    wait_offset(db, last_seq, "(e) end to end").await;
+    let elapsed = started.elapsed();
+    assert_eq!(db.count().await - before.0, rows as u64, "(e) rows do not match");
+    let measured = Measured {
+        rows,
+        elapsed,
+        server_cpu: server_cpu_seconds() - before.1,
+        agent_cpu: Some(agent.cpu_seconds() - before.2),
+    };
     (measured, gate.max_open.load(Ordering::SeqCst), agent.peak_rss_kib())
 }
 
@@ -392,6 +409,31 @@ async fn outage_run(db: &Database, outage_secs: u64) {
     }
 }
 
+/// Waits until the agent's MySQL offset reaches `seq` (a primary-key read: polling it costs the server
+/// nearly nothing, unlike COUNT(*)). Returns when the offset first moved and when it arrived.
+async fn wait_offset(db: &Database, seq: u64, label: &str) -> (Instant, Instant) {
+    let started = Instant::now();
+    let initial = db.offset().await;
+    let mut first = None;
+    loop {
+        let offset = db.offset().await;
+        if offset != initial && first.is_none() {
+            first = Some(Instant::now());
+        }
+        eprint!(
+            "\r{label}: offset {} of {seq} ({:.0} s)   ",
+            offset.saturating_sub(initial),
+            started.elapsed().as_secs_f64()
+        );
+        if offset >= seq {
+            eprintln!();
+            return (first.unwrap_or(started), Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[allow(dead_code)]
 async fn wait_rows(db: &Database, base: u64, n: u64, label: &str) -> (Instant, Instant) {
     let mut first = None;
     let started = Instant::now();
@@ -409,14 +451,15 @@ async fn wait_rows(db: &Database, base: u64, n: u64, label: &str) -> (Instant, I
     }
 }
 
-/// `total` events (75% metrics) from `clients` pipelining connections; paced at `rate` if given.
+/// `total` events (75% metrics) from `clients` pipelining connections, paced at `rate` if given; returns
+/// the highest seq acked.
 async fn send_events(
     socket: PathBuf,
     clients: usize,
     total: usize,
     prefix: &'static str,
     rate: Option<(usize, Arc<AtomicU64>)>,
-) {
+) -> u64 {
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let per_client = total / clients + usize::from(c < total % clients);
@@ -427,14 +470,20 @@ async fn send_events(
                 let (read, write) = stream.into_split();
                 let reader = tokio::spawn(async move {
                     let mut lines = BufReader::new(read).lines();
-                    let mut n = 0;
+                    let (mut n, mut max_seq) = (0, 0u64);
                     while let Ok(Some(line)) = lines.next_line().await {
-                        assert!(line.starts_with("{\"ok\":true"), "{line}");
+                        let seq = line
+                            .strip_prefix("{\"ok\":true,\"seq\":")
+                            .and_then(|rest| rest.split(',').next())
+                            .and_then(|seq| seq.parse::<u64>().ok())
+                            .unwrap_or_else(|| panic!("not an ack: {line}"));
+                        max_seq = max_seq.max(seq);
                         n += 1;
                         if n == per_client {
                             break;
                         }
                     }
+                    max_seq
                 });
                 let mut out = BufWriter::new(write);
                 let mut tick = rate.as_ref().map(|(r, _)| tokio::time::interval(Duration::from_secs_f64(clients as f64 / *r as f64)));
@@ -461,13 +510,15 @@ async fn send_events(
                     }
                 }
                 out.flush().await.expect("flush");
-                reader.await.expect("reader");
+                reader.await.expect("reader")
             })
         })
         .collect();
+    let mut max_seq = 0;
     for task in tasks {
-        task.await.expect("client");
+        max_seq = max_seq.max(task.await.expect("client"));
     }
+    max_seq
 }
 
 struct Agent {
@@ -503,6 +554,10 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         Agent { _dir: dir, socket, child }
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        process_cpu_seconds(self.child.id())
     }
 
     fn peak_rss_kib(&self) -> u64 {
@@ -609,6 +664,14 @@ impl Database {
         url.set_host(Some("127.0.0.1")).expect("host");
         url.set_port(Some(port)).expect("port");
         url.to_string()
+    }
+
+    async fn offset(&self) -> u64 {
+        let mut conn = self.pool.get_conn().await.expect("connect");
+        conn.query_first("SELECT last_seq FROM telemetry_offsets WHERE agent_id = 'bench' AND sink = 'mysql'")
+            .await
+            .expect("offset")
+            .unwrap_or(0)
     }
 
     async fn count(&self) -> u64 {

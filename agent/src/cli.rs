@@ -168,7 +168,9 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
     let forwarder = match &config.mysql {
         Some(mysql) => {
             let pool = forward::pool(mysql)?;
-            let forwarder = Forwarder::new(wal.clone(), pool, agent_id.clone(), ForwardSettings::from(mysql), stop_rx);
+            let settings = ForwardSettings::from(mysql);
+            let forwarder =
+                Forwarder::new(wal.clone(), pool, agent_id.clone(), settings, mysql.parallel_batches, stop_rx);
             Some(tokio::spawn(forwarder.run()))
         }
         None => None,

@@ -79,6 +79,8 @@ pub struct MysqlConfig {
     pub password_file: Option<PathBuf>,
     /// The most connections the agent opens to MySQL, whatever the number of scripts.
     pub pool_size: usize,
+    /// Batches written at once, each in its own transaction on its own connection (at most pool_size).
+    pub parallel_batches: usize,
     /// A batch is sent as soon as it holds this many events...
     pub max_batch_rows: usize,
     /// ...or this many bytes of events (keeps statements under `max_allowed_packet`)...
@@ -103,6 +105,7 @@ impl Default for MysqlConfig {
             url: String::new(),
             password_file: None,
             pool_size: 4,
+            parallel_batches: 2,
             max_batch_rows: 1000,
             max_batch_bytes: 4 << 20,
             max_linger_ms: 100,
@@ -221,6 +224,13 @@ impl Config {
             }
             if !(1..=64).contains(&mysql.pool_size) {
                 bail!("[mysql] pool_size must be between 1 and 64, not {}", mysql.pool_size);
+            }
+            if !(1..=mysql.pool_size).contains(&mysql.parallel_batches) {
+                bail!(
+                    "[mysql] parallel_batches must be between 1 and pool_size ({}), not {}",
+                    mysql.pool_size,
+                    mysql.parallel_batches
+                );
             }
             if !(1..=10_000).contains(&mysql.max_batch_rows) {
                 bail!("[mysql] max_batch_rows must be between 1 and 10000, not {}", mysql.max_batch_rows);

@@ -4,16 +4,17 @@
 //! the WAL truncate.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
 use telemetry_wal::{DeadLetter, Record, Wal};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::{mask_url, MysqlConfig};
-use crate::event::{effective_event_id, Event, Metric, Side, Trade};
+use crate::event::{effective_event_id, Event, Side};
 use crate::migrate::{self, SchemaState};
 
 pub const SINK: &str = "mysql";
@@ -30,7 +31,14 @@ pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
         Opts::from_url(&config.url).with_context(|| format!("[mysql] url {} is invalid", mask_url(&config.url)))?;
     let constraints = PoolConstraints::new(0, config.pool_size).context("[mysql] pool_size")?;
     let mut builder = OptsBuilder::from_opts(opts)
-        .pool_opts(PoolOpts::default().with_constraints(constraints).with_reset_connection(false))
+        // Keep idle connections (and their prepared statements) for a while: with mysql_async's default
+        // TTL of 0 and min 0, every connection returned to the pool would be closed at once.
+        .pool_opts(
+            PoolOpts::default()
+                .with_constraints(constraints)
+                .with_inactive_connection_ttl(Duration::from_secs(300))
+                .with_reset_connection(false),
+        )
         // Never switch from the configured TCP address to a local socket behind our back.
         .prefer_socket(false)
         .tcp_keepalive(Some(Duration::from_secs(30)))
@@ -91,6 +99,8 @@ impl From<&MysqlConfig> for ForwardSettings {
 pub struct Written {
     pub inserted: u64,
     pub already_present: u64,
+    /// The value written to `telemetry_offsets`.
+    pub offset: u64,
 }
 
 /// Why a write failed, and so what to do next.
@@ -104,13 +114,33 @@ enum WriteError {
 }
 
 pub struct Forwarder {
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    /// Batches in flight at once, each on its own connection.
+    parallel: usize,
+}
+
+/// What the dispatcher and the batch tasks share.
+struct Shared {
     wal: Wal,
     pool: Pool,
     agent_id: String,
     settings: ForwardSettings,
+    outage: Mutex<Option<Outage>>,
+    progress: Mutex<Progress>,
     shutdown: watch::Receiver<bool>,
-    outage: Option<Outage>,
-    dead_letters: u64,
+}
+
+/// Batches in dispatch order. The watermark is the last seq before which every batch committed: it alone
+/// goes to `telemetry_offsets` and the local cursor, so a crash with a later batch committed and an earlier
+/// one not resumes before the gap, never after it (re-sent rows are no-ops).
+#[derive(Default)]
+struct Progress {
+    watermark: u64,
+    /// The highest offset a committed transaction wrote to `telemetry_offsets`.
+    offset_written: u64,
+    /// (first seq, last seq, committed), oldest first.
+    batches: VecDeque<(u64, u64, bool)>,
 }
 
 struct Outage {
@@ -127,37 +157,171 @@ impl Forwarder {
         pool: Pool,
         agent_id: String,
         settings: ForwardSettings,
+        parallel: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Forwarder { wal, pool, agent_id, settings, shutdown, outage: None, dead_letters: 0 }
+        let shared = Shared {
+            wal,
+            pool,
+            agent_id,
+            settings,
+            outage: Mutex::new(None),
+            progress: Mutex::new(Progress::default()),
+            shutdown: shutdown.clone(),
+        };
+        Forwarder { shared: Arc::new(shared), shutdown, parallel: parallel.max(1) }
     }
 
     /// Forwards until shutdown. MySQL being down or behind on its schema is a state to wait out, not an error.
     pub async fn run(mut self) {
-        let _ = self.forward().await;
-        if let Err(e) = self.pool.disconnect().await {
+        let slots = Arc::new(Semaphore::new(self.parallel));
+        let _ = self.forward(&slots).await;
+        // Let batches in flight finish or give up (they stop at their next wait).
+        let _ = slots.acquire_many(self.parallel as u32).await;
+        if let Err(e) = self.shared.pool.clone().disconnect().await {
             tracing::debug!(error = %e, "MySQL pool disconnect");
         }
         tracing::info!("MySQL forwarder stopped");
     }
 
-    async fn forward(&mut self) -> Result<(), Stopped> {
-        let mut cursor = self.start_point().await?;
+    async fn forward(&mut self, slots: &Arc<Semaphore>) -> Result<(), Stopped> {
+        let start = self.shared.start_point().await?;
+        self.shared.lock_progress().watermark = start;
+        let mut read_to = start;
         loop {
-            let batch = self.next_batch(cursor).await?;
-            let last = batch.last().map_or(cursor, |r| r.seq);
-            self.deliver(batch).await?;
-            if let Err(e) = self.wal.set_cursor(SINK, last) {
-                // MySQL has the batch and its offset; a restart resumes from there.
-                tracing::error!(error = %e, seq = last, "cannot move the local mysql cursor");
+            let batch = self.next_batch(read_to).await?;
+            let (Some(first), Some(last)) = (batch.first().map(|r| r.seq), batch.last().map(|r| r.seq)) else {
+                continue;
+            };
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.map_err(|_| Stopped)?,
+                _ = self.shutdown.changed() => return Err(Stopped),
+            };
+            self.shared.lock_progress().batches.push_back((first, last, false));
+            read_to = last;
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                if let Ok(offset_written) = shared.deliver(batch).await {
+                    shared.committed(first, offset_written);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// The next batch after `after`: as soon as it is full (rows or bytes), or when the WAL has nothing more
+    /// and the oldest record has lingered `max_linger`.
+    async fn next_batch(&mut self, after: u64) -> Result<Vec<Record>, Stopped> {
+        let settings = &self.shared.settings;
+        let mut durable = self.shared.wal.subscribe();
+        let mut batch: Vec<Record> = Vec::new();
+        let mut bytes = 0;
+        let mut last = after;
+        loop {
+            durable.borrow_and_update();
+            let more = read_after(&self.shared.wal, last, settings.max_batch_rows - batch.len()).await;
+            for record in more {
+                if !batch.is_empty() && bytes + record.payload.len() > settings.max_batch_bytes {
+                    return Ok(batch);
+                }
+                bytes += record.payload.len();
+                last = record.seq;
+                batch.push(record);
             }
-            cursor = last;
+            if batch.len() >= settings.max_batch_rows || bytes >= settings.max_batch_bytes {
+                return Ok(batch);
+            }
+            let linger_left = batch.first().map(|oldest| {
+                let age = Duration::from_millis(now_ms().saturating_sub(oldest.appended_at_ms));
+                settings.max_linger.saturating_sub(age)
+            });
+            if linger_left == Some(Duration::ZERO) {
+                return Ok(batch);
+            }
+            let linger = async {
+                match linger_left {
+                    Some(left) => tokio::time::sleep(left).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = durable.changed() => {}
+                () = linger => return Ok(batch),
+                _ = self.shutdown.changed() => return Err(Stopped),
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock_progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_outage(&self) -> std::sync::MutexGuard<'_, Option<Outage>> {
+        self.outage.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks the batch starting at `first` committed and moves the watermark over every committed batch at
+    /// the front.
+    fn committed(self: &Arc<Self>, first: u64, offset_written: u64) {
+        let (watermark, lagging) = {
+            let mut progress = self.lock_progress();
+            progress.offset_written = progress.offset_written.max(offset_written);
+            if let Some(batch) = progress.batches.iter_mut().find(|b| b.0 == first) {
+                batch.2 = true;
+            }
+            let before = progress.watermark;
+            while let Some(&(_, last, true)) = progress.batches.front() {
+                progress.watermark = last;
+                progress.batches.pop_front();
+            }
+            let moved = (progress.watermark != before).then_some(progress.watermark);
+            // Batches that finished out of order recorded an older offset; catch MySQL's up now rather than
+            // with the next batch, which may be long in coming.
+            (moved, progress.watermark > progress.offset_written)
+        };
+        if let Some(watermark) = watermark {
+            if let Err(e) = self.wal.set_cursor(SINK, watermark) {
+                // MySQL has the rows and the offset; a restart resumes from there.
+                tracing::error!(error = %e, seq = watermark, "cannot move the local mysql cursor");
+            }
+            if lagging {
+                let shared = self.clone();
+                tokio::spawn(async move { shared.write_offset(watermark).await });
+            }
+        }
+    }
+
+    /// Records a watermark on its own (best effort: a lagging offset only means re-sending no-ops).
+    async fn write_offset(&self, watermark: u64) {
+        let result = async {
+            let mut conn = self.pool.get_conn().await?;
+            conn.exec_drop(OFFSET_UPSERT, (&self.agent_id, SINK, watermark, watermark)).await
+        };
+        match tokio::time::timeout(self.settings.write_timeout, result).await {
+            Ok(Ok(())) => {
+                let mut progress = self.lock_progress();
+                progress.offset_written = progress.offset_written.max(watermark);
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, watermark, "cannot record the offset; the next batch will"),
+            Err(_) => tracing::debug!(watermark, "recording the offset timed out; the next batch will"),
+        }
+    }
+
+    /// The offset a transaction ending at `last` of the batch starting at `first` may record: its own end if
+    /// every earlier batch has committed, else the watermark.
+    fn offset_for(&self, first: u64, last: u64) -> u64 {
+        let progress = self.lock_progress();
+        match progress.batches.front() {
+            Some(&(front, _, _)) if front == first => last,
+            _ => progress.watermark,
         }
     }
 
     /// Waits for MySQL with a current schema, then resumes after the later of the local cursor and the
     /// offset MySQL committed (which is ahead after a crash between COMMIT and the cursor update).
-    async fn start_point(&mut self) -> Result<u64, Stopped> {
+    async fn start_point(&self) -> Result<u64, Stopped> {
         let mut schema_reported = false;
         loop {
             match self.check_schema_and_offset().await {
@@ -186,7 +350,7 @@ impl Forwarder {
                         );
                         schema_reported = true;
                     }
-                    self.sleep(SCHEMA_RECHECK).await?;
+                    self.sleep(self.settings.retry_max.min(SCHEMA_RECHECK)).await?;
                 }
                 Err(e) => {
                     self.note_failure(&format!("{e:#}"));
@@ -213,52 +377,11 @@ impl Forwarder {
         Ok(Some(offset.unwrap_or(0)))
     }
 
-    /// The next batch after `after`: as soon as it is full (rows or bytes), or when the WAL has nothing more
-    /// and the oldest record has lingered `max_linger`.
-    async fn next_batch(&mut self, after: u64) -> Result<Vec<Record>, Stopped> {
-        let mut durable = self.wal.subscribe();
-        let mut batch: Vec<Record> = Vec::new();
-        let mut bytes = 0;
-        let mut last = after;
-        loop {
-            durable.borrow_and_update();
-            let wanted = self.settings.max_batch_rows - batch.len();
-            let more = read_after(&self.wal, last, wanted).await;
-            for record in more {
-                if !batch.is_empty() && bytes + record.payload.len() > self.settings.max_batch_bytes {
-                    return Ok(batch);
-                }
-                bytes += record.payload.len();
-                last = record.seq;
-                batch.push(record);
-            }
-            if batch.len() >= self.settings.max_batch_rows || bytes >= self.settings.max_batch_bytes {
-                return Ok(batch);
-            }
-            let linger_left = batch.first().map(|oldest| {
-                let age = Duration::from_millis(now_ms().saturating_sub(oldest.appended_at_ms));
-                self.settings.max_linger.saturating_sub(age)
-            });
-            if linger_left == Some(Duration::ZERO) {
-                return Ok(batch);
-            }
-            let linger = async {
-                match linger_left {
-                    Some(left) => tokio::time::sleep(left).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = durable.changed() => {}
-                () = linger => return Ok(batch),
-                _ = self.shutdown.changed() => return Err(Stopped),
-            }
-        }
-    }
-
     /// Writes the batch, retrying transient failures for as long as it takes; dead-letters what MySQL
     /// refuses for its data.
-    async fn deliver(&mut self, batch: Vec<Record>) -> Result<Written, Stopped> {
+    /// Returns the highest offset its transactions recorded.
+    async fn deliver(&self, batch: Vec<Record>) -> Result<u64, Stopped> {
+        let Some(first) = batch.first().map(|r| r.seq) else { return Ok(0) };
         let mut rows = Vec::with_capacity(batch.len());
         for record in batch {
             match Event::decode(&record.payload) {
@@ -266,7 +389,7 @@ impl Forwarder {
                 Err(reason) => self.dead_letter(&record, None, &format!("undecodable WAL record: {reason}")),
             }
         }
-        let mut total = Written::default();
+        let mut offset_written = 0;
         // Ranges still to write, in order. A data error splits its range until the bad record is alone.
         let mut pending = VecDeque::from([(0, rows.len())]);
         while let Some((lo, hi)) = pending.pop_front() {
@@ -274,11 +397,10 @@ impl Forwarder {
                 continue;
             }
             let started = Instant::now();
-            match self.write(&rows[lo..hi]).await {
+            match self.write(first, &rows[lo..hi]).await {
                 Ok(written) => {
                     self.end_outage();
-                    total.inserted += written.inserted;
-                    total.already_present += written.already_present;
+                    offset_written = offset_written.max(written.offset);
                     tracing::debug!(
                         rows = hi - lo,
                         inserted = written.inserted,
@@ -293,11 +415,7 @@ impl Forwarder {
                     self.backoff().await?;
                     pending.push_front((lo, hi));
                 }
-                Err(WriteError::Data(error)) if hi - lo == 1 => {
-                    let (record, event) = &rows[lo];
-                    self.dead_letter(record, Some(event), &error);
-                }
-                Err(WriteError::TooLarge(error)) if hi - lo == 1 => {
+                Err(WriteError::Data(error) | WriteError::TooLarge(error)) if hi - lo == 1 => {
                     let (record, event) = &rows[lo];
                     self.dead_letter(record, Some(event), &error);
                 }
@@ -314,13 +432,15 @@ impl Forwarder {
                 }
             }
         }
-        Ok(total)
+        Ok(offset_written)
     }
 
     /// One transaction: the rows, then the offset.
-    async fn write(&self, rows: &[(Record, Event)]) -> Result<Written, WriteError> {
+    async fn write(&self, batch_first: u64, rows: &[(Record, Event)]) -> Result<Written, WriteError> {
         let timeout = self.settings.write_timeout;
-        match tokio::time::timeout(timeout, write_rows(&self.pool, &self.agent_id, rows)).await {
+        let last = rows.last().map_or(0, |(r, _)| r.seq);
+        let offset = || self.offset_for(batch_first, last);
+        match tokio::time::timeout(timeout, write_rows(&self.pool, &self.agent_id, rows, offset)).await {
             Ok(result) => result.map_err(classify),
             Err(_) => {
                 Err(WriteError::Transient(format!("transaction did not finish within {} ms", timeout.as_millis())))
@@ -328,7 +448,7 @@ impl Forwarder {
         }
     }
 
-    fn dead_letter(&mut self, record: &Record, event: Option<&Event>, error: &str) {
+    fn dead_letter(&self, record: &Record, event: Option<&Event>, error: &str) {
         let event_id = event.map(|e| effective_event_id(e.client_event_id(), &self.agent_id, record.seq));
         let profile_id = event.map(Event::profile_id);
         tracing::error!(seq = record.seq, event_id, profile_id, error, "MySQL refused an event; moved to dead letters");
@@ -339,16 +459,15 @@ impl Forwarder {
             at_ms: now_ms(),
             payload: record.payload.clone(),
         };
-        match self.wal.add_dead_letter(&letter) {
-            Ok(()) => self.dead_letters += 1,
-            // Still not lost: the record stays in the WAL until truncation, and MySQL's offset is behind it
-            // only if this was the batch's last record. Say so loudly.
-            Err(e) => tracing::error!(seq = record.seq, error = %e, "cannot store the dead letter"),
+        if let Err(e) = self.wal.add_dead_letter(&letter) {
+            // The record is still in the WAL until truncation; say so loudly.
+            tracing::error!(seq = record.seq, error = %e, "cannot store the dead letter");
         }
     }
 
-    fn note_failure(&mut self, error: &str) {
-        match &mut self.outage {
+    fn note_failure(&self, error: &str) {
+        let mut outage = self.lock_outage();
+        match &mut *outage {
             Some(outage) => {
                 outage.retries += 1;
                 tracing::debug!(error, retries = outage.retries, "MySQL still unavailable");
@@ -359,13 +478,13 @@ impl Forwarder {
                     records_held = self.records_held(),
                     "MySQL unavailable; events stay in the WAL and are forwarded when it answers"
                 );
-                self.outage = Some(Outage { since: Instant::now(), retries: 0 });
+                *outage = Some(Outage { since: Instant::now(), retries: 0 });
             }
         }
     }
 
-    fn end_outage(&mut self) {
-        if let Some(outage) = self.outage.take() {
+    fn end_outage(&self) {
+        if let Some(outage) = self.lock_outage().take() {
             tracing::info!(
                 outage_secs = format!("{:.1}", outage.since.elapsed().as_secs_f64()),
                 retries = outage.retries,
@@ -375,23 +494,30 @@ impl Forwarder {
         }
     }
 
+    /// Records in the WAL that MySQL does not have yet.
     fn records_held(&self) -> u64 {
-        let durable = *self.wal.subscribe().borrow();
-        durable.saturating_sub(self.wal.cursor(SINK).unwrap_or(0))
+        let Ok(stats) = self.wal.stats() else { return 0 };
+        let Some(first) = stats.first_seq else { return 0 };
+        let from = self.wal.cursor(SINK).unwrap_or(0).max(first - 1);
+        stats.last_seq.saturating_sub(from)
     }
 
-    /// Exponential backoff with full jitter, capped.
-    async fn backoff(&mut self) -> Result<(), Stopped> {
-        let retries = self.outage.as_ref().map_or(0, |o| o.retries).min(20) as u32;
-        let ceiling = self.settings.retry_initial.saturating_mul(1 << retries.min(16)).min(self.settings.retry_max);
+    /// Exponential backoff with jitter, capped.
+    async fn backoff(&self) -> Result<(), Stopped> {
+        let retries = self.lock_outage().as_ref().map_or(0, |o| o.retries).min(16) as u32;
+        let ceiling = self.settings.retry_initial.saturating_mul(1 << retries).min(self.settings.retry_max);
         let delay = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
         self.sleep(delay).await
     }
 
-    async fn sleep(&mut self, delay: Duration) -> Result<(), Stopped> {
+    async fn sleep(&self, delay: Duration) -> Result<(), Stopped> {
+        let mut shutdown = self.shutdown.clone();
+        if *shutdown.borrow() {
+            return Err(Stopped);
+        }
         tokio::select! {
             () = tokio::time::sleep(delay) => Ok(()),
-            _ = self.shutdown.changed() => Err(Stopped),
+            _ = shutdown.changed() => Err(Stopped),
         }
     }
 }
@@ -414,41 +540,41 @@ async fn read_after(wal: &Wal, after: u64, max: usize) -> Vec<Record> {
 }
 
 /// Writes rows and the offset in one transaction. Duplicates (by `event_id`) are no-ops.
-pub async fn write_rows(pool: &Pool, agent_id: &str, rows: &[(Record, Event)]) -> Result<Written, mysql_async::Error> {
+/// `offset` gives the value for `telemetry_offsets`, asked for just before it is written.
+pub async fn write_rows(
+    pool: &Pool,
+    agent_id: &str,
+    rows: &[(Record, Event)],
+    offset: impl Fn() -> u64,
+) -> Result<Written, mysql_async::Error> {
     let mut conn = pool.get_conn().await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
-    let mut metrics = Vec::new();
-    let mut trades = Vec::new();
-    for (record, event) in rows {
-        match event {
-            Event::Metric(m) => metrics.push(metric_params(m, agent_id, record.seq)),
-            Event::Trade(t) => trades.push(trade_params(t, agent_id, record.seq)),
-        }
-    }
+    let (metrics, trades): (Vec<_>, Vec<_>) = rows.iter().partition(|(_, event)| matches!(event, Event::Metric(_)));
     let mut inserted = 0;
     for (table, columns, rows) in [(METRICS_TABLE, METRIC_COLUMNS, metrics), (TRADES_TABLE, TRADE_COLUMNS, trades)] {
         let mut rest = &rows[..];
         while !rest.is_empty() {
             let n = CHUNK_ROWS.into_iter().find(|&n| n <= rest.len()).unwrap_or(1);
             let (chunk, tail) = rest.split_at(n);
-            let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+            let mut params = Vec::with_capacity(n * columns.len());
+            for (record, event) in chunk {
+                push_params(&mut params, event, agent_id, record.seq);
+            }
             tx.exec_drop(insert_sql(table, columns, n), params).await?;
             inserted += tx.affected_rows();
             rest = tail;
         }
     }
-    if let Some((last, _)) = rows.last() {
-        tx.exec_drop(
-            "INSERT INTO telemetry_offsets (agent_id, sink, last_seq, updated_at) VALUES (?, ?, ?, UTC_TIMESTAMP(6)) \
-             ON DUPLICATE KEY UPDATE last_seq = GREATEST(last_seq, ?), updated_at = UTC_TIMESTAMP(6)",
-            (agent_id, SINK, last.seq, last.seq),
-        )
-        .await?;
-    }
+    let offset = offset();
+    tx.exec_drop(OFFSET_UPSERT, (agent_id, SINK, offset, offset)).await?;
     tx.commit().await?;
     let total = rows.len() as u64;
-    Ok(Written { inserted, already_present: total.saturating_sub(inserted) })
+    Ok(Written { inserted, already_present: total.saturating_sub(inserted), offset })
 }
+
+/// Never moves an offset back: transactions may commit out of order.
+const OFFSET_UPSERT: &str = "INSERT INTO telemetry_offsets (agent_id, sink, last_seq, updated_at) \
+     VALUES (?, ?, ?, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE last_seq = GREATEST(last_seq, ?), updated_at = UTC_TIMESTAMP(6)";
 
 const METRICS_TABLE: &str = "dd_metrics";
 const METRIC_COLUMNS: &[&str] =
@@ -482,42 +608,42 @@ fn insert_sql(table: &str, columns: &[&str], rows: usize) -> String {
     )
 }
 
-fn metric_params(m: &Metric, agent_id: &str, seq: u64) -> Vec<Value> {
-    vec![
-        effective_event_id(m.event_id.as_deref(), agent_id, seq).into(),
-        agent_id.into(),
-        seq.into(),
-        m.profile_id.as_str().into(),
-        m.name.as_str().into(),
-        m.value.into(),
-        datetime(m.ts_us),
-        m.tags.as_deref().into(),
-        datetime(m.received_us),
-    ]
-}
-
-fn trade_params(t: &Trade, agent_id: &str, seq: u64) -> Vec<Value> {
-    vec![
-        effective_event_id(t.event_id.as_deref(), agent_id, seq).into(),
-        agent_id.into(),
-        seq.into(),
-        t.profile_id.as_str().into(),
-        t.symbol.as_str().into(),
-        match t.side {
-            Side::Buy => "buy",
-            Side::Sell => "sell",
-        }
-        .into(),
-        // Decimals travel as text: the server parses the exact digits.
-        t.quantity.as_str().into(),
-        t.price.as_str().into(),
-        t.pnl.as_deref().into(),
-        t.fees.as_deref().into(),
-        t.opened_at_us.map_or(Value::NULL, datetime),
-        datetime(t.closed_at_us),
-        t.meta.as_deref().into(),
-        datetime(t.received_us),
-    ]
+/// Appends one row's values, in the order of its table's columns.
+fn push_params(params: &mut Vec<Value>, event: &Event, agent_id: &str, seq: u64) {
+    match event {
+        Event::Metric(m) => params.extend([
+            effective_event_id(m.event_id.as_deref(), agent_id, seq).into(),
+            agent_id.into(),
+            seq.into(),
+            m.profile_id.as_str().into(),
+            m.name.as_str().into(),
+            m.value.into(),
+            datetime(m.ts_us),
+            m.tags.as_deref().into(),
+            datetime(m.received_us),
+        ]),
+        Event::Trade(t) => params.extend([
+            effective_event_id(t.event_id.as_deref(), agent_id, seq).into(),
+            agent_id.into(),
+            seq.into(),
+            t.profile_id.as_str().into(),
+            t.symbol.as_str().into(),
+            match t.side {
+                Side::Buy => "buy",
+                Side::Sell => "sell",
+            }
+            .into(),
+            // Decimals travel as text: the server parses the exact digits.
+            t.quantity.as_str().into(),
+            t.price.as_str().into(),
+            t.pnl.as_deref().into(),
+            t.fees.as_deref().into(),
+            t.opened_at_us.map_or(Value::NULL, datetime),
+            datetime(t.closed_at_us),
+            t.meta.as_deref().into(),
+            datetime(t.received_us),
+        ]),
+    }
 }
 
 /// A UTC DATETIME(6) value with exact microseconds (no rounding by the server).

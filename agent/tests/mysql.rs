@@ -126,9 +126,22 @@ fn every_event_becomes_exactly_one_row_with_exact_values() {
             "2999".into()
         )]
     );
-    let offsets: Vec<(String, u64)> = db.query("SELECT agent_id, last_seq FROM telemetry_offsets WHERE sink = 'mysql'");
-    assert_eq!(offsets.len(), 1);
-    assert_eq!(offsets[0].0, "test-agent");
+    // The offset reaches the last event, even when batches committed out of order.
+    send_all(&mut agent.connect(), &[metric_line(5000)]);
+    db.wait_for_rows("dd_metrics", 2251, 30);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let offsets: Vec<(String, u64)> =
+            db.query("SELECT agent_id, last_seq FROM telemetry_offsets WHERE sink = 'mysql'");
+        assert_eq!(offsets.len(), 1);
+        assert_eq!(offsets[0].0, "test-agent");
+        let newest: u64 = db.query::<u64>("SELECT MAX(wal_seq) FROM dd_metrics")[0];
+        if offsets[0].1 == newest {
+            break;
+        }
+        assert!(Instant::now() < deadline, "offset {} never reached the newest seq {newest}", offsets[0].1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(agent.stop().success());
 }
 
