@@ -105,7 +105,7 @@ impl Default for MysqlConfig {
             url: String::new(),
             password_file: None,
             pool_size: 4,
-            parallel_batches: 2,
+            parallel_batches: 3,
             max_batch_rows: 1000,
             max_batch_bytes: 4 << 20,
             max_linger_ms: 100,

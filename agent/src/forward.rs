@@ -19,9 +19,9 @@ use crate::migrate::{self, SchemaState};
 
 pub const SINK: &str = "mysql";
 
-/// Statement sizes: a batch is cut into statements of these row counts, so the server's prepared
-/// statement cache sees four texts per table, not one per batch length.
-const CHUNK_ROWS: [usize; 4] = [1000, 100, 10, 1];
+/// Statement sizes: a batch is cut into statements of these row counts, so a handful of prepared
+/// statements per table serve every batch length, and a typical batch needs a few round trips.
+const CHUNK_ROWS: [usize; 7] = [1000, 300, 100, 30, 10, 3, 1];
 /// How often to look again when the schema is behind.
 const SCHEMA_RECHECK: Duration = Duration::from_secs(10);
 

@@ -348,3 +348,39 @@ fn restart_resumes_from_mysql_when_it_is_ahead_of_the_local_cursor() {
     assert!(stored.contains(&more[0]));
     assert_eq!(acked.len(), 300);
 }
+
+#[test]
+fn the_password_file_must_be_private_and_is_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = migrated_db();
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("mysql.password");
+    // The test server's user has whatever password its URL carries (often none).
+    let password = url::Url::parse(&db.url()).unwrap().password().unwrap_or("").to_string();
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let mut url = url::Url::parse(&db.url()).unwrap();
+    url.set_password(None).unwrap();
+    let section = format!("{}password_file = {:?}\n", mysql_section(url.as_str()), password_file.display().to_string());
+
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n{section}",
+            dir.path().join("a.sock").display().to_string(),
+            dir.path().join("wal").display().to_string()
+        ),
+    )
+    .unwrap();
+    let refused =
+        Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("readable by others") && stderr.contains("chmod 600"), "{stderr}");
+
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = Agent::start(&section);
+    send_all(&mut agent.connect(), &[metric_line(1)]);
+    db.wait_for_rows("dd_metrics", 1, 30);
+}
