@@ -43,7 +43,13 @@ pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
         .prefer_socket(false)
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .stmt_cache_size(32)
-        .init(vec!["SET time_zone = '+00:00'", "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'"]);
+        .init(vec![
+            "SET time_zone = '+00:00'".to_string(),
+            "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'".to_string(),
+            // A lock wait must end before our write timeout abandons the transaction, or the retry would
+            // queue behind the abandoned statement's locks.
+            format!("SET SESSION innodb_lock_wait_timeout = {}", (config.write_timeout_ms / 2000).max(1)),
+        ]);
     if let Some(path) = &config.password_file {
         builder = builder.pass(Some(read_password_file(path)?));
     }
@@ -129,6 +135,8 @@ struct Shared {
     outage: Mutex<Option<Outage>>,
     progress: Mutex<Progress>,
     shutdown: watch::Receiver<bool>,
+    /// Watermarks to record on their own (one writer task, the latest value wins).
+    offset_catch_up: watch::Sender<u64>,
 }
 
 /// Batches in dispatch order. The watermark is the last seq before which every batch committed: it alone
@@ -151,6 +159,14 @@ struct Outage {
 /// The forwarder was told to stop.
 struct Stopped;
 
+/// Why forwarding cannot start yet.
+enum StartError {
+    /// Retry with backoff; an outage.
+    Unreachable(String),
+    /// The operator must act; checked again periodically.
+    Schema(String),
+}
+
 impl Forwarder {
     pub fn new(
         wal: Wal,
@@ -168,6 +184,7 @@ impl Forwarder {
             outage: Mutex::new(None),
             progress: Mutex::new(Progress::default()),
             shutdown: shutdown.clone(),
+            offset_catch_up: watch::channel(0).0,
         };
         Forwarder { shared: Arc::new(shared), shutdown, parallel: parallel.max(1) }
     }
@@ -175,7 +192,17 @@ impl Forwarder {
     /// Forwards until shutdown. MySQL being down or behind on its schema is a state to wait out, not an error.
     pub async fn run(mut self) {
         let slots = Arc::new(Semaphore::new(self.parallel));
+        let catch_up = {
+            let (shared, mut watermarks) = (self.shared.clone(), self.shared.offset_catch_up.subscribe());
+            tokio::spawn(async move {
+                while watermarks.changed().await.is_ok() {
+                    let watermark = *watermarks.borrow_and_update();
+                    shared.write_offset(watermark).await;
+                }
+            })
+        };
         let _ = self.forward(&slots).await;
+        catch_up.abort();
         // Let batches in flight finish or give up (they stop at their next wait).
         let _ = slots.acquire_many(self.parallel as u32).await;
         if let Err(e) = self.shared.pool.clone().disconnect().await {
@@ -264,7 +291,7 @@ impl Shared {
 
     /// Marks the batch starting at `first` committed and moves the watermark over every committed batch at
     /// the front.
-    fn committed(self: &Arc<Self>, first: u64, offset_written: u64) {
+    fn committed(&self, first: u64, offset_written: u64) {
         let (watermark, lagging) = {
             let mut progress = self.lock_progress();
             progress.offset_written = progress.offset_written.max(offset_written);
@@ -287,8 +314,7 @@ impl Shared {
                 tracing::error!(error = %e, seq = watermark, "cannot move the local mysql cursor");
             }
             if lagging {
-                let shared = self.clone();
-                tokio::spawn(async move { shared.write_offset(watermark).await });
+                self.offset_catch_up.send_replace(watermark);
             }
         }
     }
@@ -319,53 +345,79 @@ impl Shared {
         }
     }
 
-    /// Waits for MySQL with a current schema, then resumes after the later of the local cursor and the
+    /// Waits for MySQL with a usable schema, then resumes after the later of the local cursor and the
     /// offset MySQL committed (which is ahead after a crash between COMMIT and the cursor update).
     async fn start_point(&self) -> Result<u64, Stopped> {
-        let mut schema_reported = false;
+        let mut reported: Option<String> = None;
         loop {
-            match self.check_schema_and_offset().await {
-                Ok(Some(remote)) => {
+            let check = tokio::time::timeout(self.settings.write_timeout, self.check_schema_and_offset());
+            let mut shutdown = self.shutdown.clone();
+            let result = tokio::select! {
+                result = check => result.unwrap_or_else(|_| Err(StartError::Unreachable("MySQL did not answer in time".into()))),
+                _ = shutdown.changed() => return Err(Stopped),
+            };
+            let problem = match result {
+                Ok(remote) => {
                     self.end_outage();
                     let local = self.wal.cursor(SINK).unwrap_or(0);
-                    if remote > local {
-                        tracing::info!(
-                            local,
-                            remote,
-                            "MySQL is ahead of the local cursor; resuming from MySQL's offset"
-                        );
-                        if let Err(e) = self.wal.set_cursor(SINK, remote) {
-                            tracing::error!(error = %e, "cannot move the local mysql cursor");
+                    let durable = *self.wal.subscribe().borrow();
+                    if remote > durable {
+                        // Trusting it would skip (and truncate) records MySQL never saw.
+                        format!(
+                            "MySQL's offset for agent `{}` ({remote}) is beyond this WAL's newest record ({durable}): \
+                             another host uses the same [agent] id, or this WAL was restored from an older copy. \
+                             Events are stored but not forwarded; give each host its own [agent] id",
+                            self.agent_id
+                        )
+                    } else {
+                        if remote > local {
+                            tracing::info!(
+                                local,
+                                remote,
+                                "MySQL is ahead of the local cursor; resuming from MySQL's offset"
+                            );
+                            if let Err(e) = self.wal.set_cursor(SINK, remote) {
+                                tracing::error!(error = %e, "cannot move the local mysql cursor");
+                            }
                         }
+                        tracing::info!(after_seq = local.max(remote), "MySQL forwarding started");
+                        return Ok(local.max(remote));
                     }
-                    tracing::info!(after_seq = local.max(remote), "MySQL forwarding started");
-                    return Ok(local.max(remote));
                 }
-                Ok(None) => {
-                    self.end_outage();
-                    if !schema_reported {
-                        tracing::error!(
-                            "the MySQL schema is behind this agent: events are stored but not forwarded; \
-                             run `telemetry-agent migrate --config <file>`"
-                        );
-                        schema_reported = true;
-                    }
-                    self.sleep(self.settings.retry_max.min(SCHEMA_RECHECK)).await?;
-                }
-                Err(e) => {
-                    self.note_failure(&format!("{e:#}"));
+                Err(StartError::Unreachable(error)) => {
+                    self.note_failure(&error);
                     self.backoff().await?;
+                    continue;
                 }
+                Err(StartError::Schema(problem)) => {
+                    self.end_outage();
+                    problem
+                }
+            };
+            if reported.as_deref() != Some(problem.as_str()) {
+                tracing::error!(problem, "not forwarding to MySQL; checking again every 10 s");
+                reported = Some(problem);
             }
+            self.sleep(self.settings.retry_max.min(SCHEMA_RECHECK)).await?;
         }
     }
 
-    /// `Some(offset)` when the schema is current, `None` when it is behind.
-    async fn check_schema_and_offset(&self) -> anyhow::Result<Option<u64>> {
-        let mut conn = self.pool.get_conn().await.context("cannot connect to MySQL")?;
-        if let SchemaState::Behind(missing) = migrate::state(&mut conn).await? {
-            tracing::debug!(?missing, "schema behind");
-            return Ok(None);
+    /// MySQL's offset for this agent, once the schema is usable.
+    async fn check_schema_and_offset(&self) -> Result<u64, StartError> {
+        let unreachable = |e: mysql_async::Error| StartError::Unreachable(format!("cannot reach MySQL: {e}"));
+        let mut conn = self.pool.get_conn().await.map_err(unreachable)?;
+        match migrate::state(&mut conn).await {
+            Ok(SchemaState::Current) => {}
+            Ok(SchemaState::Behind(missing)) => {
+                return Err(StartError::Schema(format!(
+                    "the MySQL schema lacks migrations {missing:?}; run `telemetry-agent migrate --config <file>`"
+                )))
+            }
+            Ok(SchemaState::Ahead(unknown)) => {
+                tracing::warn!(?unknown, "the MySQL schema has migrations this agent does not know; forwarding anyway");
+            }
+            Err(migrate::StateError::Schema(e)) => return Err(StartError::Schema(format!("{e:#}"))),
+            Err(migrate::StateError::Connection(e)) => return Err(unreachable(e)),
         }
         let offset: Option<u64> = conn
             .exec_first(
@@ -373,8 +425,8 @@ impl Shared {
                 (&self.agent_id, SINK),
             )
             .await
-            .context("cannot read telemetry_offsets")?;
-        Ok(Some(offset.unwrap_or(0)))
+            .map_err(unreachable)?;
+        Ok(offset.unwrap_or(0))
     }
 
     /// Writes the batch, retrying transient failures for as long as it takes; dead-letters what MySQL
@@ -386,7 +438,13 @@ impl Shared {
         for record in batch {
             match Event::decode(&record.payload) {
                 Ok(event) => rows.push((record, event)),
-                Err(reason) => self.dead_letter(&record, None, &format!("undecodable WAL record: {reason}")),
+                Err(reason) => {
+                    let error = format!("undecodable WAL record: {reason}");
+                    while let Err(e) = self.dead_letter(&record, None, &error).await {
+                        self.note_failure(&e);
+                        self.backoff().await?;
+                    }
+                }
             }
         }
         let mut offset_written = 0;
@@ -417,7 +475,12 @@ impl Shared {
                 }
                 Err(WriteError::Data(error) | WriteError::TooLarge(error)) if hi - lo == 1 => {
                     let (record, event) = &rows[lo];
-                    self.dead_letter(record, Some(event), &error);
+                    // Only a stored dead letter lets the batch count as done (and the WAL truncate it).
+                    if let Err(e) = self.dead_letter(record, Some(event), &error).await {
+                        self.note_failure(&e);
+                        self.backoff().await?;
+                        pending.push_front((lo, hi));
+                    }
                 }
                 Err(WriteError::Data(error) | WriteError::TooLarge(error)) => {
                     tracing::warn!(
@@ -448,10 +511,10 @@ impl Shared {
         }
     }
 
-    fn dead_letter(&self, record: &Record, event: Option<&Event>, error: &str) {
+    /// Stores the record as a dead letter (durably) and logs it.
+    async fn dead_letter(&self, record: &Record, event: Option<&Event>, error: &str) -> Result<(), String> {
         let event_id = event.map(|e| effective_event_id(e.client_event_id(), &self.agent_id, record.seq));
         let profile_id = event.map(Event::profile_id);
-        tracing::error!(seq = record.seq, event_id, profile_id, error, "MySQL refused an event; moved to dead letters");
         let letter = DeadLetter {
             sink: SINK.to_string(),
             seq: record.seq,
@@ -459,9 +522,20 @@ impl Shared {
             at_ms: now_ms(),
             payload: record.payload.clone(),
         };
-        if let Err(e) = self.wal.add_dead_letter(&letter) {
-            // The record is still in the WAL until truncation; say so loudly.
-            tracing::error!(seq = record.seq, error = %e, "cannot store the dead letter");
+        let wal = self.wal.clone();
+        match tokio::task::spawn_blocking(move || wal.add_dead_letter(&letter)).await {
+            Ok(Ok(())) => {
+                tracing::error!(
+                    seq = record.seq,
+                    event_id,
+                    profile_id,
+                    error,
+                    "MySQL refused an event; moved to dead letters"
+                );
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("cannot store a dead letter: {e}")),
+            Err(e) => Err(format!("dead letter task failed: {e}")),
         }
     }
 
@@ -661,13 +735,17 @@ fn classify(e: mysql_async::Error) -> WriteError {
             1153 | 1301 => WriteError::TooLarge(e.to_string()),
             // Out of range, truncated, incorrect value, too long, NULL, bad datetime, bad JSON, CHECK failed,
             // incorrect string (charset).
-            1048 | 1264 | 1265 | 1292 | 1366 | 1367 | 1406 | 1690 | 3140 | 4025 | 3819 => {
+            1048 | 1264 | 1265 | 1292 | 1366 | 1367 | 1406 | 1690 | 3140 | 3157 | 4025 | 3819 => {
                 WriteError::Data(e.to_string())
             }
             // Deadlock, lock wait, server shutting down, too many connections, missing table (schema being
             // changed) and everything unknown: retry. Dropping data on a guess is worse than waiting.
             _ => WriteError::Transient(e.to_string()),
         },
+        // mysql_async refuses, on the client side, a packet above the server's max_allowed_packet.
+        mysql_async::Error::Io(io) if format!("{io:?}").contains("PacketTooLarge") => {
+            WriteError::TooLarge(e.to_string())
+        }
         _ => WriteError::Transient(e.to_string()),
     }
 }

@@ -29,6 +29,16 @@ pub enum SchemaState {
     Current,
     /// Migrations this binary has that the database lacks.
     Behind(Vec<&'static str>),
+    /// Migrations the database has that this binary does not know (a newer agent migrated it).
+    Ahead(Vec<String>),
+}
+
+/// Why the schema's state could not be read.
+#[derive(Debug)]
+pub enum StateError {
+    Connection(mysql_async::Error),
+    /// An applied migration was edited, or the bookkeeping is unreadable: the operator must act.
+    Schema(anyhow::Error),
 }
 
 pub fn checksum(sql: &str) -> String {
@@ -59,38 +69,41 @@ fn statements(sql: &str) -> Vec<String> {
     out
 }
 
-/// The applied migrations, checked against this binary's: an applied file that was edited afterwards, or a
-/// version this binary does not know, is an error.
-async fn applied(conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<String>> {
-    let rows: Vec<(String, String)> = conn
-        .query("SELECT version, checksum FROM schema_migrations ORDER BY version")
-        .await
-        .context("cannot read schema_migrations")?;
-    for (version, stored) in &rows {
-        match MIGRATIONS.iter().find(|m| m.version == version) {
-            Some(m) if checksum(m.sql) != *stored => bail!(
-                "migration {version} was edited after it was applied (checksum in schema_migrations {stored}, \
-                 file {}); restore the original file and put changes in a new migration",
-                checksum(m.sql)
-            ),
-            Some(_) => {}
-            None => bail!("the database has migration {version}, which this telemetry-agent does not know; upgrade it"),
-        }
-    }
-    Ok(rows.into_iter().map(|(version, _)| version).collect())
-}
-
 /// Where the schema stands. A missing `schema_migrations` table means nothing was applied.
-pub async fn state(conn: &mut mysql_async::Conn) -> anyhow::Result<SchemaState> {
+pub async fn state(conn: &mut mysql_async::Conn) -> Result<SchemaState, StateError> {
     let exists: Option<u8> = conn
         .query_first(
             "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'schema_migrations'",
         )
         .await
-        .context("cannot inspect the schema")?;
-    let applied = if exists.is_some() { applied(conn).await? } else { Vec::new() };
-    let missing: Vec<_> = MIGRATIONS.iter().map(|m| m.version).filter(|v| !applied.iter().any(|a| a == v)).collect();
-    Ok(if missing.is_empty() { SchemaState::Current } else { SchemaState::Behind(missing) })
+        .map_err(StateError::Connection)?;
+    let rows: Vec<(String, String)> = if exists.is_some() {
+        conn.query("SELECT version, checksum FROM schema_migrations ORDER BY version")
+            .await
+            .map_err(StateError::Connection)?
+    } else {
+        Vec::new()
+    };
+    let mut unknown = Vec::new();
+    for (version, stored) in &rows {
+        match MIGRATIONS.iter().find(|m| m.version == version) {
+            Some(m) if checksum(m.sql) != *stored => {
+                return Err(StateError::Schema(anyhow::anyhow!(
+                    "migration {version} was edited after it was applied; restore the original file"
+                )))
+            }
+            Some(_) => {}
+            None => unknown.push(version.clone()),
+        }
+    }
+    let missing: Vec<_> = MIGRATIONS.iter().map(|m| m.version).filter(|v| !rows.iter().any(|(a, _)| a == v)).collect();
+    Ok(if !missing.is_empty() {
+        SchemaState::Behind(missing)
+    } else if !unknown.is_empty() {
+        SchemaState::Ahead(unknown)
+    } else {
+        SchemaState::Current
+    })
 }
 
 /// Applies the pending migrations in order and returns their versions. Safe to run twice and from several
@@ -113,9 +126,18 @@ pub async fn migrate(conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<&'stati
 
 async fn apply_pending(conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<&'static str>> {
     conn.query_drop(CREATE_SCHEMA_MIGRATIONS).await.context("cannot create schema_migrations")?;
-    let applied = applied(conn).await?;
+    let missing = match state(conn).await {
+        Ok(SchemaState::Behind(missing)) => missing,
+        Ok(SchemaState::Current) => Vec::new(),
+        Ok(SchemaState::Ahead(unknown)) => {
+            tracing::warn!(?unknown, "the database has migrations this telemetry-agent does not know");
+            Vec::new()
+        }
+        Err(StateError::Connection(e)) => return Err(e).context("cannot read schema_migrations"),
+        Err(StateError::Schema(e)) => return Err(e),
+    };
     let mut done = Vec::new();
-    for migration in MIGRATIONS.iter().filter(|m| !applied.iter().any(|a| a == m.version)) {
+    for migration in MIGRATIONS.iter().filter(|m| missing.contains(&m.version)) {
         tracing::info!(version = migration.version, "applying migration");
         for statement in statements(migration.sql) {
             conn.query_drop(&statement).await.with_context(|| format!("migration {} failed", migration.version))?;

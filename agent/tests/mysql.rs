@@ -384,3 +384,21 @@ fn the_password_file_must_be_private_and_is_used() {
     send_all(&mut agent.connect(), &[metric_line(1)]);
     db.wait_for_rows("dd_metrics", 1, 30);
 }
+
+#[test]
+fn an_offset_beyond_the_wal_is_not_trusted() {
+    let db = migrated_db();
+    // Another host with the same agent id got far ahead (or this WAL is an old copy).
+    db.exec(
+        "INSERT INTO telemetry_offsets (agent_id, sink, last_seq, updated_at) \
+         VALUES ('test-agent', 'mysql', 18446744073709551000, UTC_TIMESTAMP(6))",
+    );
+    let agent = Agent::start(&mysql_section(&db.url()));
+    let acked = send_all(&mut agent.connect(), &(0..20).map(metric_line).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(db.count("dd_metrics"), 0, "forwarded past a foreign offset");
+    // Once the operator resolves it, everything arrives: nothing was skipped.
+    db.exec("DELETE FROM telemetry_offsets");
+    db.wait_for_rows("dd_metrics", 20, 30);
+    assert_exactly_once(&db, &acked);
+}
