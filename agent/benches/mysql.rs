@@ -441,24 +441,6 @@ async fn wait_offset(db: &Database, seq: u64, label: &str) -> (Instant, Instant)
     }
 }
 
-#[allow(dead_code)]
-async fn wait_rows(db: &Database, base: u64, n: u64, label: &str) -> (Instant, Instant) {
-    let mut first = None;
-    let started = Instant::now();
-    loop {
-        let have = db.count().await - base;
-        if have > 0 && first.is_none() {
-            first = Some(Instant::now());
-        }
-        eprint!("\r{label}: {have}/{n} rows ({:.0} s)", started.elapsed().as_secs_f64());
-        if have >= n {
-            eprintln!();
-            return (first.unwrap_or(started), Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `total` events (75% metrics) from `clients` pipelining connections, paced at `rate` if given; returns
 /// the highest seq acked.
 async fn send_events(
