@@ -253,9 +253,36 @@ fn event_id(raw: Option<&RawValue>) -> Result<Option<String>, Rejection> {
     id_field(raw, "event_id", MAX_EVENT_ID)
 }
 
+/// MariaDB's JSON columns refuse documents nested 32 levels deep (MySQL's limit is 100).
+const MAX_JSON_DEPTH: usize = 31;
+
+/// Nesting depth of a valid JSON text: brackets outside strings.
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'{' | b'[') => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            (false, _, b'}' | b']') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 fn optional_object(raw: Option<&RawValue>, field: &str) -> Result<Option<String>, Rejection> {
     match present(raw) {
         None => Ok(None),
+        Some(raw) if raw.get().starts_with('{') && json_depth(raw.get()) > MAX_JSON_DEPTH => Err(Rejection::event(
+            format!("`{field}` is nested deeper than {MAX_JSON_DEPTH} levels, which MySQL/MariaDB JSON columns refuse"),
+        )),
         Some(raw) if raw.get().starts_with('{') => Ok(Some(raw.get().to_string())),
         Some(raw) => Err(Rejection::event(format!("`{field}` must be a JSON object, not {}", abbreviate(raw.get())))),
     }
@@ -402,6 +429,17 @@ mod tests {
         assert_eq!(m.ts_us, 1_795_773_600_123_456);
         assert_eq!(m.tags.as_deref(), Some(r#"{"script":"risk"}"#));
         assert_eq!(Event::decode(&event.encode()).unwrap(), event);
+    }
+
+    #[test]
+    fn json_nesting_is_bounded() {
+        assert_eq!(json_depth(r#"{"a":{"b":[1,"]]]{{"]}}"#), 3);
+        let deep = |n: usize| format!("{}1{}", r#"{"a":"#.repeat(n), "}".repeat(n));
+        let line =
+            |n: usize| format!(r#"{{"kind":"metric","profile_id":"p","name":"n","value":1,"tags":{}}}"#, deep(n));
+        assert!(parse_line(line(MAX_JSON_DEPTH).as_bytes(), 0).is_ok());
+        let r = parse_line(line(MAX_JSON_DEPTH + 1).as_bytes(), 0).unwrap_err();
+        assert!(r.error.contains("`tags` is nested deeper"), "{}", r.error);
     }
 
     #[test]
