@@ -2,15 +2,18 @@
 //! Unix socket. Reports acked events/s, ack latency p50/p99 and the agent's peak RSS, plus latency at a
 //! fixed offered rate. `cargo bench -p telemetry-agent --bench ingest` (BENCH_SECS per case, default 5).
 
+mod common;
+
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, Semaphore};
+
+use common::Agent;
 
 /// Lines a pipelining client keeps in flight.
 const WINDOW: usize = 512;
@@ -22,14 +25,14 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     let only: Option<usize> = std::env::var("BENCH_CLIENTS").ok().and_then(|v| v.parse().ok());
     for clients in [1usize, 64, 900].into_iter().filter(|c| only.is_none_or(|o| o == *c)) {
-        let agent = Agent::start();
+        let agent = Agent::start("");
         let result = runtime.block_on(load(&agent.socket, clients, None, Duration::from_secs(secs)));
         report(clients, "as fast as acked", &result, agent.peak_rss_kib());
     }
     for (clients, rate) in
         [(64usize, 10_000u64), (900, 10_000)].into_iter().filter(|(c, _)| only.is_none_or(|o| o == *c))
     {
-        let agent = Agent::start();
+        let agent = Agent::start("");
         let result = runtime.block_on(load(&agent.socket, clients, Some(rate), Duration::from_secs(secs)));
         report(clients, &format!("{rate}/s"), &result, agent.peak_rss_kib());
     }
@@ -139,63 +142,4 @@ fn percentile(values: &[u64], p: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
     sorted[((sorted.len() - 1) as f64 * p) as usize] as f64
-}
-
-struct Agent {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    child: Child,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::tempdir_in(base).expect("temp dir");
-        let socket = dir.path().join("agent.sock");
-        let config = dir.path().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[agent]\nid = \"bench\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n{}\n",
-                socket.display().to_string(),
-                dir.path().join("wal").display().to_string(),
-                std::env::var("BENCH_WAL_CONFIG").unwrap_or_default().replace(';', "\n"),
-            ),
-        )
-        .expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .envs(
-                std::env::var("BENCH_AGENT_ENV")
-                    .ok()
-                    .and_then(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))),
-            )
-            .spawn()
-            .expect("spawn agent");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "agent did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Agent { _dir: dir, socket, child }
-    }
-
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

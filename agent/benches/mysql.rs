@@ -5,20 +5,24 @@
 //! `cargo bench -p telemetry-agent --bench mysql`. Environment: TELEMETRY_TEST_MYSQL_URL (server, no
 //! database), BENCH_ROWS (rows for a/b/c/e, default 200000), BENCH_BACKLOG (d, default 500000),
 //! BENCH_PREFILL (rows already in the tables for the second pass, default 5000000; 0 skips it),
-//! BENCH_OUTAGE_SECS (default 60; 0 skips the outage run).
+//! BENCH_OUTAGE_SECS (default 60; 0 skips the outage run), BENCH_AGENT_CONFIG (lines appended to the agent's
+//! `[mysql]` section, `;` between lines, e.g. `parallel_batches = 1`).
 
-use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+
+use common::{process_cpu_seconds, Agent};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -136,13 +140,8 @@ fn server_cpu_seconds() -> f64 {
     pid.map_or(0.0, process_cpu_seconds)
 }
 
-fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+fn mysql_section(url: &str) -> String {
+    format!("[mysql]\nurl = {url:?}\nretry_max_ms = 200")
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -331,7 +330,7 @@ async fn load_data(pool: &Pool, rows: &[Shape]) {
 async fn agent_catch_up(db: &Database, backlog: usize) -> (Measured, u64, u64) {
     let gate = Gate::start().await;
     gate.open.store(false, Ordering::SeqCst);
-    let agent = Agent::start(&db.url_via(gate.port));
+    let agent = Agent::start(&mysql_section(&db.url_via(gate.port)));
     eprintln!("(d) storing a backlog of {backlog} events while MySQL is unreachable ...");
     let last_seq = send_events(agent.socket.clone(), 64, backlog, "d", None).await;
     let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
@@ -350,7 +349,7 @@ async fn agent_catch_up(db: &Database, backlog: usize) -> (Measured, u64, u64) {
 /// (e): 64 clients pipeline events into the socket; from the first send until the last row is committed.
 async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
     let gate = Gate::start().await;
-    let agent = Agent::start(&db.url_via(gate.port));
+    let agent = Agent::start(&mysql_section(&db.url_via(gate.port)));
     let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
     let started = Instant::now();
     let last_seq = send_events(agent.socket.clone(), 64, rows, "e", None).await;
@@ -370,7 +369,7 @@ async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
 /// while new events keep arriving.
 async fn outage_run(db: &Database, outage_secs: u64) {
     let gate = Gate::start().await;
-    let agent = Agent::start(&db.url_via(gate.port));
+    let agent = Agent::start(&mysql_section(&db.url_via(gate.port)));
     let rate = 5_000;
     let total = rate * (10 + outage_secs as usize + 60);
     let sent = Arc::new(AtomicU64::new(0));
@@ -509,62 +508,6 @@ async fn send_events(
         max_seq = max_seq.max(task.await.expect("client"));
     }
     max_seq
-}
-
-struct Agent {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    child: Child,
-}
-
-impl Agent {
-    fn start(mysql_url: &str) -> Agent {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("agent.sock");
-        let config = dir.path().join("agent.toml");
-        let mut file = std::fs::File::create(&config).expect("config");
-        writeln!(
-            file,
-            "[agent]\nid = \"bench\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n[mysql]\nurl = {mysql_url:?}\nretry_max_ms = 200\n{}",
-            socket.display().to_string(),
-            dir.path().join("wal").display().to_string(),
-            std::env::var("BENCH_MYSQL_CONFIG").unwrap_or_default().replace(';', "\n"),
-        )
-        .expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn agent");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "agent did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Agent { _dir: dir, socket, child }
-    }
-
-    fn cpu_seconds(&self) -> f64 {
-        process_cpu_seconds(self.child.id())
-    }
-
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A TCP gate in front of MariaDB: closed, it refuses connections and cuts open ones; it counts the most

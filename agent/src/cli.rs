@@ -161,9 +161,7 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         inflight_bytes: Arc::new(tokio::sync::Semaphore::new(ingest.max_inflight_bytes)),
         overload_timeout: Duration::from_millis(ingest.overload_timeout_ms),
         idle_timeout: (ingest.idle_timeout_secs > 0).then(|| Duration::from_secs(ingest.idle_timeout_secs)),
-        counters: Default::default(),
     });
-    let truncation = tokio::spawn(truncate_periodically(wal.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let forwarder = match &config.mysql {
         Some(mysql) => {
@@ -185,7 +183,7 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
     let stop = async {
         tokio::select! {
             () = shutdown_signal() => {}
-            () = wal_failure(wal) => {}
+            () = maintain_wal(wal) => {}
         }
     };
     Listener::new(listener, context, ingest.max_connections).serve(stop).await;
@@ -193,7 +191,6 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
     if let Some(forwarder) = forwarder {
         let _ = forwarder.await;
     }
-    truncation.abort();
     let _ = std::fs::remove_file(&ingest.socket);
     Ok(())
 }
@@ -210,23 +207,17 @@ async fn shutdown_signal() {
     }
 }
 
-/// Resolves when the WAL stopped after a write failure: the agent then exits non-zero so that its supervisor
-/// restarts it and sled's recovery establishes what is durable.
-async fn wal_failure(wal: &Wal) {
+/// Every second, drops what every sink has passed (cheap when there is nothing to drop). Resolves when the
+/// WAL stopped after a write failure: the agent then exits non-zero so that its supervisor restarts it and
+/// sled's recovery establishes what is durable.
+async fn maintain_wal(wal: &Wal) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tick.tick().await;
         if let Some(failure) = wal.failure() {
             tracing::error!(failure, "the WAL failed; stopping so that a restart can recover it");
             return;
         }
-    }
-}
-
-/// Drops what every sink has passed. Cheap when there is nothing to drop.
-async fn truncate_periodically(wal: Wal) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
         let wal = wal.clone();
         match tokio::task::spawn_blocking(move || wal.truncate()).await {
             Ok(Ok(0)) => {}

@@ -7,7 +7,6 @@
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,14 +34,6 @@ pub struct IngestContext {
     pub overload_timeout: Duration,
     /// `None`: idle connections stay open.
     pub idle_timeout: Option<Duration>,
-    pub counters: Counters,
-}
-
-#[derive(Default)]
-pub struct Counters {
-    pub connected: AtomicU64,
-    pub acked: AtomicU64,
-    pub rejected: AtomicU64,
 }
 
 /// How long, after SIGTERM, answers may take to reach clients that do not read them.
@@ -158,11 +149,8 @@ impl Listener {
                 shutdown: self.notify_shutdown.subscribe(),
                 _shutdown_complete: self.shutdown_complete_tx.clone(),
             };
-            let context = self.context.clone();
             tokio::spawn(async move {
-                context.counters.connected.fetch_add(1, Ordering::Relaxed);
                 handler.run(stream).await;
-                context.counters.connected.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
@@ -209,7 +197,6 @@ impl Handler {
                     Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
                         let max = self.context.max_line_bytes;
                         tracing::warn!(max_line_bytes = max, "line too long; closing the connection");
-                        self.context.counters.rejected.fetch_add(1, Ordering::Relaxed);
                         let _ = replies_tx
                             .send(Reply::Ready(error_line("line_too_long", &format!("line exceeds {max} bytes; closing the connection"))))
                             .await;
@@ -265,7 +252,6 @@ impl Handler {
             Ok(event) => event,
             Err(Rejection { code, error }) => {
                 tracing::warn!(code, error = %error, "rejected a line");
-                self.context.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 return Reply::Ready(error_line(code, &error));
             }
         };
@@ -302,7 +288,6 @@ async fn write_replies(write: OwnedWriteHalf, mut replies: mpsc::Receiver<Reply>
             Reply::Ready(line) => line,
             Reply::Durable { pending, event_id, profile_id, _inflight } => match pending.durable().await {
                 Ok(seq) => {
-                    context.counters.acked.fetch_add(1, Ordering::Relaxed);
                     let event_id = effective_event_id(event_id.as_deref(), &context.agent_id, seq);
                     json_line(&Ack { ok: true, seq, event_id: &event_id })
                 }

@@ -150,7 +150,7 @@ struct Shared {
     /// tell what is durable.
     failure: Mutex<Option<String>>,
     disk_bytes: AtomicU64,
-    /// Bytes of the chunks currently stored (persisted in `meta` with every write).
+    /// Bytes of the chunks currently stored (summed at open, kept up to date by appends and truncation).
     live_bytes: AtomicU64,
     group_commits: AtomicU64,
     data_syncs: AtomicU64,
@@ -497,19 +497,17 @@ impl Pending {
 }
 
 impl Shared {
+    fn lock_failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub(crate) fn failure(&self) -> Option<String> {
-        match self.failure.lock() {
-            Ok(failure) => failure.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.lock_failure().clone()
     }
 
     /// Records the first failure; later appends are refused with it.
     pub(crate) fn fail(&self, error: &WalError) {
-        let mut failure = match self.failure.lock() {
-            Ok(failure) => failure,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut failure = self.lock_failure();
         if failure.is_none() {
             tracing::error!(error = %error, dir = %self.dir.display(), "WAL write failed; refusing all further appends");
             *failure = Some(error.to_string());

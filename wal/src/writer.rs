@@ -38,10 +38,7 @@ pub(crate) struct Writer {
     rx: mpsc::Receiver<Request>,
 }
 
-struct Waiter {
-    len: usize,
-    reply: oneshot::Sender<Result<u64, WalError>>,
-}
+type Waiter = oneshot::Sender<Result<u64, WalError>>;
 
 impl Writer {
     pub fn new(
@@ -77,7 +74,7 @@ impl Writer {
                 match request {
                     Request::Append { payload, reply } => {
                         bytes += payload.len();
-                        waiters.push(Waiter { len: payload.len(), reply });
+                        waiters.push(reply);
                         payloads.push(payload);
                     }
                     Request::Close => {
@@ -103,8 +100,7 @@ impl Writer {
     fn commit(&mut self, payloads: &mut Vec<Vec<u8>>, waiters: &mut Vec<Waiter>) {
         if let Some(failure) = self.shared.failure() {
             for waiter in waiters.drain(..) {
-                let _ =
-                    waiter.reply.send(Err(WalError::Failed { dir: self.shared.dir.clone(), detail: failure.clone() }));
+                let _ = waiter.send(Err(WalError::Failed { dir: self.shared.dir.clone(), detail: failure.clone() }));
             }
             payloads.clear();
             return;
@@ -112,20 +108,19 @@ impl Writer {
         // The cap: refuse what does not fit, in order, and write the rest. sled reuses the space of
         // truncated records, so a directory at the cap that holds few live records still has room.
         let used = self.shared.disk_bytes.load(Ordering::Relaxed);
-        let mut live = self.shared.live_bytes.load(Ordering::Relaxed);
+        let live = self.shared.live_bytes.load(Ordering::Relaxed);
+        let mut group_bytes = 0u64;
         let mut accepted = Vec::with_capacity(waiters.len());
         let mut accepted_payloads: Vec<&[u8]> = Vec::with_capacity(payloads.len());
         for (waiter, payload) in waiters.drain(..).zip(payloads.iter()) {
-            live += waiter.len as u64;
-            let full = used.saturating_add(live.saturating_sub(self.shared.live_bytes.load(Ordering::Relaxed)))
-                >= self.max_bytes
-                && live >= self.max_bytes / LIVE_FRACTION_AT_CAP;
-            if !full {
+            let after = group_bytes + payload.len() as u64;
+            let full = used + after >= self.max_bytes && live + after >= self.max_bytes / LIVE_FRACTION_AT_CAP;
+            if full {
+                let _ = waiter.send(Err(WalError::Full { used, max: self.max_bytes }));
+            } else {
+                group_bytes = after;
                 accepted_payloads.push(payload);
                 accepted.push(waiter);
-            } else {
-                live -= waiter.len as u64;
-                let _ = waiter.reply.send(Err(WalError::Full { used, max: self.max_bytes }));
             }
         }
         if !accepted.is_empty() {
@@ -134,7 +129,7 @@ impl Writer {
             match result {
                 Ok(()) => {
                     for (i, waiter) in accepted.into_iter().enumerate() {
-                        let _ = waiter.reply.send(Ok(first_seq + i as u64));
+                        let _ = waiter.send(Ok(first_seq + i as u64));
                     }
                 }
                 Err(e) => {
@@ -143,7 +138,7 @@ impl Writer {
                     // acknowledging anything later could build on a hole.
                     self.shared.fail(&e);
                     for waiter in accepted {
-                        let _ = waiter.reply.send(Err(e.shared_copy()));
+                        let _ = waiter.send(Err(e.shared_copy()));
                     }
                 }
             }

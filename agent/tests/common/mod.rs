@@ -44,7 +44,8 @@ impl Agent {
             .arg(&self.config_path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            // A file, not a pipe: nobody drains a pipe, and a chatty agent would block on it.
+            .stderr(self.log_file())
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -93,12 +94,12 @@ impl Agent {
         }
     }
 
+    fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap()
+    }
+
     fn stderr(&mut self) -> String {
-        let mut out = String::new();
-        if let Some(stderr) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
-            let _ = std::io::Read::read_to_string(stderr, &mut out);
-        }
-        out
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
     pub fn connect(&self) -> Client {
