@@ -175,6 +175,11 @@ fn mysql_down_at_start_is_normal_and_everything_arrives_when_it_answers() {
     proxy.set_down(false);
     db.wait_for_rows("dd_metrics", 500, 60);
     assert_exactly_once(&db, &acked);
+    // The outage is logged once when it starts and once when it ends, not once per retry.
+    let log = agent.log();
+    assert_eq!(log.matches("MySQL unavailable").count(), 1, "{log}");
+    assert_eq!(log.matches("MySQL available again").count(), 1, "{log}");
+    assert!(log.contains("outage_secs") && log.contains("records_held=500"), "{log}");
 }
 
 #[test]

@@ -42,7 +42,7 @@ impl Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,telemetry_agent::forward=info")
             .stdout(Stdio::null())
             // A file, not a pipe: nobody drains a pipe, and a chatty agent would block on it.
             .stderr(self.log_file())
@@ -52,7 +52,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&self.socket).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited at start with {status}: {}", self.stderr());
+                panic!("agent exited at start with {status}: {}", self.log());
             }
             assert!(Instant::now() < deadline, "agent did not listen within 20 s");
             std::thread::sleep(Duration::from_millis(20));
@@ -98,7 +98,8 @@ impl Agent {
         std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap()
     }
 
-    fn stderr(&mut self) -> String {
+    /// Everything the agent logged, across restarts.
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
