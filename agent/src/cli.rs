@@ -16,6 +16,7 @@ use crate::config::{mask_url, Config, DurabilityMode};
 use crate::event::now_us;
 use crate::forward::{self, ForwardSettings, Forwarder};
 use crate::ingest::{self, IngestContext, Listener};
+use crate::mirror::Mirror;
 use telemetry_wal::{Durability, Wal, WalOptions};
 
 #[derive(Parser)]
@@ -168,8 +169,15 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
             let pool = forward::pool(mysql)?;
             let settings = ForwardSettings::from(mysql);
             let forwarder =
-                Forwarder::new(wal.clone(), pool, agent_id.clone(), settings, mysql.parallel_batches, stop_rx);
+                Forwarder::new(wal.clone(), pool, agent_id.clone(), settings, mysql.parallel_batches, stop_rx.clone());
             Some(tokio::spawn(forwarder.run()))
+        }
+        None => None,
+    };
+    let mirror = match &config.redis {
+        Some(redis) => {
+            let mirror = Mirror::new(wal.clone(), agent_id.clone(), redis, stop_rx)?;
+            Some(tokio::spawn(mirror.run()))
         }
         None => None,
     };
@@ -188,8 +196,8 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
     };
     Listener::new(listener, context, ingest.max_connections).serve(stop).await;
     let _ = stop_tx.send(true);
-    if let Some(forwarder) = forwarder {
-        let _ = forwarder.await;
+    for sink in [forwarder, mirror].into_iter().flatten() {
+        let _ = sink.await;
     }
     let _ = std::fs::remove_file(&ingest.socket);
     Ok(())

@@ -119,10 +119,36 @@ impl Default for MysqlConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[:password@]host:6379[/db]`
     pub url: String,
+    /// A file holding the password (first line), readable only by the agent; overrides the URL's password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Every key the mirror writes starts with `{key_prefix}:`.
+    pub key_prefix: String,
+    /// `PUBLISH {key_prefix}:updates` a message naming what changed, for live dashboards.
+    pub publish_updates: bool,
+    pub connect_timeout_ms: u64,
+    /// A command that takes longer counts as a failure: the connection is replaced and the write retried.
+    pub response_timeout_ms: u64,
+    /// Reconnects back off, doubling with jitter, up to this.
+    pub retry_max_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            password_file: None,
+            key_prefix: "telemetry".into(),
+            publish_updates: false,
+            connect_timeout_ms: 1000,
+            response_timeout_ms: 2000,
+            retry_max_ms: 5000,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -246,7 +272,23 @@ impl Config {
             }
         }
         if let Some(redis) = &self.redis {
-            url::Url::parse(&redis.url).map_err(|e| anyhow::anyhow!("[redis] url is not a URL: {e}"))?;
+            if redis.url.is_empty() {
+                bail!("[redis] url is required when the [redis] section is present");
+            }
+            let url = url::Url::parse(&redis.url)
+                .map_err(|e| anyhow::anyhow!("[redis] url `{}` is not a URL: {e}", mask_url(&redis.url)))?;
+            if !matches!(url.scheme(), "redis" | "redis+unix" | "unix") {
+                bail!("[redis] url must start with redis:// (or redis+unix:// for a local socket)");
+            }
+            if redis.key_prefix.is_empty() || redis.key_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                bail!("[redis] key_prefix must be non-empty, without spaces or control characters");
+            }
+            if redis.connect_timeout_ms < 10 || redis.response_timeout_ms < 10 {
+                bail!("[redis] connect_timeout_ms and response_timeout_ms must be at least 10");
+            }
+            if redis.retry_max_ms < 100 {
+                bail!("[redis] retry_max_ms must be at least 100");
+            }
         }
         Ok(())
     }
@@ -313,6 +355,21 @@ fn validate_agent_id(id: &str) -> anyhow::Result<()> {
 /// The characters allowed in agent, profile and event ids.
 pub fn is_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
+}
+
+/// The first line of a secret file, which only its owner may read.
+pub fn read_secret_file(path: &Path, key: &str) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("{key} {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{key} {} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {key} {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
 /// `scheme://user:secret@host` → `scheme://user:****@host`; anything unparsable is hidden whole.

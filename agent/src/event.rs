@@ -398,6 +398,69 @@ impl Event {
     }
 }
 
+/// The protocol's shape of a trade (decimals as strings, times as RFC 3339 with microseconds), as a script
+/// would send it.
+#[derive(Serialize)]
+struct TradeLine<'a> {
+    kind: &'static str,
+    profile_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    symbol: &'a str,
+    side: &'static str,
+    quantity: &'a str,
+    price: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pnl: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fees: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    opened_at: Option<String>,
+    closed_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<&'a RawValue>,
+}
+
+impl Trade {
+    /// One JSON object in the protocol's shape, with `event_id` if given.
+    pub fn to_json(&self, event_id: Option<&str>) -> String {
+        let line = TradeLine {
+            kind: "trade",
+            profile_id: &self.profile_id,
+            event_id,
+            symbol: &self.symbol,
+            side: match self.side {
+                Side::Buy => "buy",
+                Side::Sell => "sell",
+            },
+            quantity: &self.quantity,
+            price: &self.price,
+            pnl: self.pnl.as_deref(),
+            fees: self.fees.as_deref(),
+            opened_at: self.opened_at_us.map(rfc3339_us),
+            closed_at: rfc3339_us(self.closed_at_us),
+            // Stored only after it parsed as a JSON object.
+            meta: self.meta.as_deref().and_then(|m| serde_json::from_str(m).ok()),
+        };
+        serde_json::to_string(&line).unwrap_or_default()
+    }
+}
+
+/// `2026-11-27T10:00:00.123456Z`: always six fractional digits, so that such strings sort as times do.
+pub fn rfc3339_us(us: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
 /// The event id the sinks deduplicate on: the client's, or `{agent_id}-{seq}`.
 pub fn effective_event_id(client: Option<&str>, agent_id: &str, seq: u64) -> String {
     match client {
@@ -429,6 +492,21 @@ mod tests {
         assert_eq!(m.ts_us, 1_795_773_600_123_456);
         assert_eq!(m.tags.as_deref(), Some(r#"{"script":"risk"}"#));
         assert_eq!(Event::decode(&event.encode()).unwrap(), event);
+    }
+
+    #[test]
+    fn a_trade_renders_in_the_protocol_shape_and_parses_back() {
+        let line = r#"{"kind":"trade","profile_id":"p","symbol":"BTC/USDT","side":"sell","quantity":"0.5",
+            "price":43000.1,"fees":"0.01","opened_at":1795860000000,"closed_at":"2026-11-28T10:00:00.000001Z",
+            "meta":{"why":["tp"]}}"#
+            .replace('\n', "");
+        let Event::Trade(trade) = parse_line(line.as_bytes(), 0).unwrap() else { panic!("not a trade") };
+        let json = trade.to_json(Some("e-9"));
+        assert!(json.contains(r#""closed_at":"2026-11-28T10:00:00.000001Z""#), "{json}");
+        assert!(json.contains(r#""opened_at":"2026-11-28T10:00:00.000000Z""#), "{json}");
+        assert!(json.contains(r#""meta":{"why":["tp"]}"#) && !json.contains("pnl"), "{json}");
+        let Event::Trade(back) = parse_line(json.as_bytes(), 0).unwrap() else { panic!("not a trade") };
+        assert_eq!(back, Trade { event_id: Some("e-9".into()), ..trade });
     }
 
     #[test]

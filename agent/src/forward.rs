@@ -13,7 +13,7 @@ use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts, Va
 use telemetry_wal::{DeadLetter, Record, Wal};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{mask_url, MysqlConfig};
+use crate::config::{mask_url, read_secret_file, MysqlConfig};
 use crate::event::{effective_event_id, Event, Side};
 use crate::migrate::{self, SchemaState};
 
@@ -51,7 +51,7 @@ pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
             format!("SET SESSION innodb_lock_wait_timeout = {}", (config.write_timeout_ms / 2000).max(1)),
         ]);
     if let Some(path) = &config.password_file {
-        builder = builder.pass(Some(read_password_file(path)?));
+        builder = builder.pass(Some(read_secret_file(path, "[mysql] password_file")?));
     }
     if config.tls {
         let mut ssl = mysql_async::SslOpts::default();
@@ -61,20 +61,6 @@ pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
         builder = builder.ssl_opts(ssl);
     }
     Ok(Pool::new(builder))
-}
-
-fn read_password_file(path: &std::path::Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("[mysql] password_file {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        anyhow::bail!(
-            "[mysql] password_file {} is readable by others (mode {:o}); chmod 600 it",
-            path.display(),
-            meta.permissions().mode() & 0o777
-        );
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
 #[derive(Debug, Clone)]

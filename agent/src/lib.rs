@@ -7,3 +7,4 @@ pub mod event;
 pub mod forward;
 pub mod ingest;
 pub mod migrate;
+pub mod mirror;

@@ -162,6 +162,7 @@ struct Shared {
 const META_HIGH_WATER: &[u8] = b"high_water";
 const META_SEQ_LEASE: &[u8] = b"seq_lease";
 const LABEL_PREFIX: &[u8] = b"label/";
+const TABLE_PREFIX: &[u8] = b"table/";
 const LOCK_FILE: &str = "wal.lock";
 /// Requests waiting for the writer; beyond this, `append` waits (backpressure).
 const QUEUE_CAPACITY: usize = 16 * 1024;
@@ -380,6 +381,9 @@ impl Wal {
         if removed == 0 {
             return Ok(0);
         }
+        // Make durable what was written before the cursors moved (tables derived from these records, say)
+        // before the records go: sled alone would persist both with the same flush, or neither.
+        self.flush()?;
         // Keep the high-water mark first: with every record gone, it is what keeps seqs from restarting.
         self.inner
             .meta
@@ -391,6 +395,16 @@ impl Wal {
         self.inner.shared.refresh_disk_bytes();
         tracing::debug!(records = removed, upto, "WAL truncated");
         Ok(removed)
+    }
+
+    /// The table `name`, created empty if it does not exist.
+    pub fn table(&self, name: &str) -> Result<Table, WalError> {
+        let tree = self
+            .inner
+            .db
+            .open_tree([TABLE_PREFIX, name.as_bytes()].concat())
+            .map_err(|e| self.sled_err("open a table", e))?;
+        Ok(Table { tree, dir: self.inner.dir.clone() })
     }
 
     /// The write failure that stopped the WAL, if any. The process should restart.
@@ -447,6 +461,49 @@ impl Wal {
 
     fn corrupt(&self, key: &[u8], reason: String) -> WalError {
         WalError::Corrupt { dir: self.inner.dir.clone(), detail: format!("chunk at seq {}: {reason}", be_u64(key)) }
+    }
+}
+
+/// A small keyed table in the WAL's database, for state derived from records that must outlive their
+/// truncation (the Redis mirror keeps the newest value per key in one). Writes are persisted with the next
+/// flush; [`Wal::truncate`] flushes before it drops anything, so records passed by a cursor that moved after
+/// a table write never go while that write could still be lost.
+#[derive(Clone)]
+pub struct Table {
+    tree: sled::Tree,
+    dir: PathBuf,
+}
+
+impl Table {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, WalError> {
+        let value = self.tree.get(key).map_err(|e| WalError::sled(&self.dir, "read a table", e))?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    /// Writes all entries or none.
+    pub fn insert_all(&self, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<(), WalError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in entries {
+            batch.insert(key, value);
+        }
+        self.tree.apply_batch(batch).map_err(|e| WalError::sled(&self.dir, "write a table", e))
+    }
+
+    /// Every key, in order.
+    pub fn keys(&self) -> Result<Vec<Vec<u8>>, WalError> {
+        self.tree
+            .iter()
+            .keys()
+            .map(|key| key.map(|k| k.to_vec()).map_err(|e| WalError::sled(&self.dir, "read a table", e)))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
     }
 }
 

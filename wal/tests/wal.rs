@@ -87,6 +87,29 @@ fn cursors_and_labels_persist() {
 }
 
 #[test]
+fn tables_persist_and_outlive_the_records_they_derive_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions { gating_cursors: vec!["redis".into()], ..WalOptions::default() };
+    {
+        let wal = open(dir.path(), options.clone());
+        let seqs = append_all(&wal, (0..100u8).map(|i| vec![i]));
+        let table = wal.table("latest").unwrap();
+        assert!(table.is_empty());
+        table.insert_all([(b"b".to_vec(), b"2".to_vec()), (b"a".to_vec(), b"1".to_vec())]).unwrap();
+        table.insert_all([(b"a".to_vec(), b"3".to_vec())]).unwrap();
+        wal.set_cursor("redis", *seqs.last().unwrap()).unwrap();
+        assert_eq!(wal.truncate().unwrap(), 100);
+    }
+    let wal = open(dir.path(), options);
+    assert!(read_all(&wal).is_empty());
+    let table = wal.table("latest").unwrap();
+    assert_eq!(table.keys().unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+    assert_eq!(table.get(b"a").unwrap(), Some(b"3".to_vec()));
+    assert_eq!(table.len(), 2);
+    assert!(wal.table("other").unwrap().is_empty());
+}
+
+#[test]
 fn truncation_waits_for_every_gating_cursor_frees_space_and_keeps_seqs() {
     let dir = tempfile::tempdir().unwrap();
     let options = WalOptions { gating_cursors: vec!["mysql".into(), "redis".into()], ..WalOptions::default() };
