@@ -31,6 +31,8 @@ const FOLD_BATCH: usize = 10_000;
 /// Table entries pushed per pipeline.
 const SYNC_BATCH: usize = 10_000;
 const RETRY_INITIAL: Duration = Duration::from_millis(100);
+/// How often an idle connection is checked.
+const IDLE_PING: Duration = Duration::from_secs(5);
 
 /// Writes one profile's newest metrics and trade, each only if it is not older than what Redis holds.
 /// KEYS: metrics hash, metrics_ts hash, profiles set, last_trade string.
@@ -99,7 +101,13 @@ impl Latest {
         Ok(match Event::decode(&record.payload)? {
             Event::Metric(m) => (
                 metric_key(&m.profile_id, &m.name),
-                Latest::Metric { name: m.name, profile_id: m.profile_id, value: m.value, ts_us: m.ts_us, seq: record.seq },
+                Latest::Metric {
+                    name: m.name,
+                    profile_id: m.profile_id,
+                    value: m.value,
+                    ts_us: m.ts_us,
+                    seq: record.seq,
+                },
             ),
             Event::Trade(t) => {
                 let event_id = effective_event_id(t.event_id.as_deref(), agent_id, record.seq);
@@ -192,7 +200,12 @@ pub struct Mirror {
 struct Stopped;
 
 impl Mirror {
-    pub fn new(wal: Wal, agent_id: String, config: &RedisConfig, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+    pub fn new(
+        wal: Wal,
+        agent_id: String,
+        config: &RedisConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
         let mut info = config
             .url
             .as_str()
@@ -253,8 +266,8 @@ impl Mirror {
                 tokio::task::spawn_blocking(move || fold_step(&wal, &table, &agent_id, after)).await
             };
             match step {
-                Ok(Ok(Some((last, changed)))) => {
-                    after = last;
+                Ok(Ok(Some(Folded { last_seq, changed }))) => {
+                    after = last_seq;
                     if !changed.is_empty() {
                         self.lock_dirty().mark(changed);
                         self.changed.notify_one();
@@ -285,13 +298,17 @@ impl Mirror {
         let mut outage: Option<(Instant, String)> = None;
         let mut backoff = RETRY_INITIAL;
         loop {
+            let mut idle = false;
             if conn.is_some() && self.lock_dirty().keys.is_empty() {
                 tokio::select! {
                     () = self.changed.notified() => {}
+                    () = tokio::time::sleep(IDLE_PING) => idle = true,
                     _ = shutdown.changed() => return Err(Stopped),
                 }
             }
             let result = match conn.as_mut() {
+                // A quiet connection may have died (or Redis restarted empty): find out before data waits on it.
+                Some(c) if idle => redis::cmd("PING").exec_async(c).await.context("Redis PING failed"),
                 Some(c) => self.push(c).await,
                 None => match self.connect().await {
                     Ok(c) => {
@@ -306,7 +323,10 @@ impl Mirror {
             match result {
                 Ok(()) => {
                     if let Some((since, _)) = outage.take() {
-                        tracing::warn!(outage_secs = since.elapsed().as_secs_f64(), "Redis reachable again; catching up");
+                        tracing::warn!(
+                            outage_secs = since.elapsed().as_secs_f64(),
+                            "Redis reachable again; catching up"
+                        );
                     }
                     backoff = RETRY_INITIAL;
                 }
@@ -406,7 +426,7 @@ impl Mirror {
         }
         let mut results: Vec<redis::RedisResult<i64>> = pipe.query_async(conn).await?;
         if results.iter().any(|r| matches!(r, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))) {
-            tracing::info!("Redis lost the mirror's script (restarted?); loading it again");
+            tracing::warn!("Redis lost the mirror's script (restarted?); loading it again");
             self.script.prepare_invoke().load_async(conn).await?;
             results = pipe.query_async(conn).await?;
         }
@@ -458,16 +478,18 @@ fn read_profiles(table: &Table, keys: &[Vec<u8>]) -> Result<BTreeMap<String, Pro
     Ok(profiles)
 }
 
-/// Folds the records after `after` into the table and moves the cursor past them. Returns the last seq
-/// folded and the keys whose entry changed, or `None` when there was nothing to read.
-fn fold_step(
-    wal: &Wal,
-    table: &Table,
-    agent_id: &str,
-    after: u64,
-) -> Result<Option<(u64, Vec<Vec<u8>>)>, telemetry_wal::WalError> {
+/// What one fold step did.
+struct Folded {
+    last_seq: u64,
+    /// Table keys whose entry changed.
+    changed: Vec<Vec<u8>>,
+}
+
+/// Folds the records after `after` into the table and moves the cursor past them; `None` when there was
+/// nothing to read.
+fn fold_step(wal: &Wal, table: &Table, agent_id: &str, after: u64) -> Result<Option<Folded>, telemetry_wal::WalError> {
     let records = wal.read_after(after, FOLD_BATCH)?;
-    let Some(last) = records.last().map(|r| r.seq) else { return Ok(None) };
+    let Some(last_seq) = records.last().map(|r| r.seq) else { return Ok(None) };
     let mut newest: HashMap<Vec<u8>, Latest> = HashMap::new();
     for record in &records {
         match Latest::from_record(record, agent_id) {
@@ -492,8 +514,8 @@ fn fold_step(
     let changed: Vec<Vec<u8>> = writes.iter().map(|(k, _)| k.clone()).collect();
     table.insert_all(writes)?;
     // After the table write: a crash between the two refolds these records, which changes nothing.
-    wal.set_cursor(SINK, last)?;
-    Ok(Some((last, changed)))
+    wal.set_cursor(SINK, last_seq)?;
+    Ok(Some(Folded { last_seq, changed }))
 }
 
 #[cfg(test)]

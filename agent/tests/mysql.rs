@@ -4,38 +4,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::ToSocketAddrs;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Agent, Client, FaultProxy, TestDb};
+use common::{migrate, Agent, Client, FaultProxy, TestDb};
 use telemetry_wal::{Wal, WalOptions};
 
 /// Fast linger and retries so the tests do not wait on production defaults.
 fn mysql_section(url: &str) -> String {
     format!("[mysql]\nurl = {url:?}\nmax_linger_ms = 20\nretry_initial_ms = 20\nretry_max_ms = 300\nwrite_timeout_ms = 3000\n")
-}
-
-fn migrate(url: &str) -> std::process::Output {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("migrate.toml");
-    std::fs::write(&config, format!("[mysql]\nurl = {url:?}\n")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["migrate", "--config"]).arg(&config).output().unwrap()
-}
-
-fn migrated_db() -> TestDb {
-    let db = TestDb::new();
-    let output = migrate(&db.url());
-    assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
-    db
-}
-
-fn mysql_addr() -> std::net::SocketAddr {
-    let url = url::Url::parse(
-        &std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into()),
-    )
-    .unwrap();
-    (url.host_str().unwrap(), url.port().unwrap_or(3306)).to_socket_addrs().unwrap().next().unwrap()
 }
 
 fn metric_line(i: usize) -> String {
@@ -97,7 +74,7 @@ fn assert_exactly_once(db: &TestDb, acked: &[String]) {
 
 #[test]
 fn every_event_becomes_exactly_one_row_with_exact_values() {
-    let db = migrated_db();
+    let db = TestDb::migrated();
     let mut agent = Agent::start(&mysql_section(&db.url()));
     let lines: Vec<String> = (0..3000).map(|i| if i % 4 == 3 { trade_line(i) } else { metric_line(i) }).collect();
     let acked = send_all(&mut agent.connect(), &lines);
@@ -147,7 +124,7 @@ fn every_event_becomes_exactly_one_row_with_exact_values() {
 
 #[test]
 fn a_resent_event_id_gives_one_row() {
-    let db = migrated_db();
+    let db = TestDb::migrated();
     let agent = Agent::start(&mysql_section(&db.url()));
     let mut client = agent.connect();
     let line = metric_line(7);
@@ -163,8 +140,8 @@ fn a_resent_event_id_gives_one_row() {
 
 #[test]
 fn mysql_down_at_start_is_normal_and_everything_arrives_when_it_answers() {
-    let db = migrated_db();
-    let proxy = FaultProxy::start(mysql_addr());
+    let db = TestDb::migrated();
+    let proxy = FaultProxy::start(TestDb::server_addr());
     proxy.set_down(true);
     let agent = Agent::start(&mysql_section(&db.url_via(proxy.port)));
     let lines: Vec<String> = (0..500).map(metric_line).collect();
@@ -184,8 +161,8 @@ fn mysql_down_at_start_is_normal_and_everything_arrives_when_it_answers() {
 
 #[test]
 fn connections_cut_mid_transaction_lose_and_duplicate_nothing() {
-    let db = migrated_db();
-    let proxy = FaultProxy::start(mysql_addr());
+    let db = TestDb::migrated();
+    let proxy = FaultProxy::start(TestDb::server_addr());
     let agent = Agent::start(&(mysql_section(&db.url_via(proxy.port)) + "max_batch_rows = 200\n"));
     let socket = agent.socket.clone();
     let sender = std::thread::spawn(move || {
@@ -226,7 +203,7 @@ fn connections_cut_mid_transaction_lose_and_duplicate_nothing() {
 
 #[test]
 fn kill_9_while_forwarding_loses_and_duplicates_nothing() {
-    let db = migrated_db();
+    let db = TestDb::migrated();
     let mut agent = Agent::start(&(mysql_section(&db.url()) + "max_batch_rows = 100\n"));
     let mut acked = Vec::new();
     for round in 0..8 {
@@ -244,7 +221,7 @@ fn kill_9_while_forwarding_loses_and_duplicates_nothing() {
 
 #[test]
 fn a_record_mysql_refuses_is_dead_lettered_and_its_neighbours_arrive() {
-    let db = migrated_db();
+    let db = TestDb::migrated();
     // Schema drift: a narrower column than the protocol allows.
     db.exec("ALTER TABLE dd_metrics MODIFY name VARCHAR(5) NOT NULL");
     let mut agent = Agent::start(&mysql_section(&db.url()));
@@ -270,9 +247,9 @@ fn a_record_mysql_refuses_is_dead_lettered_and_its_neighbours_arrive() {
 
 #[test]
 fn five_hundred_clients_share_a_bounded_pool() {
-    let db = migrated_db();
+    let db = TestDb::migrated();
     // Every agent connection goes through the proxy, which counts them.
-    let proxy = FaultProxy::start(mysql_addr());
+    let proxy = FaultProxy::start(TestDb::server_addr());
     let agent = Agent::start(&(mysql_section(&db.url_via(proxy.port)) + "pool_size = 3\nmax_batch_rows = 50\n"));
     let socket = agent.socket.clone();
     let clients: Vec<_> = (0..500)
@@ -330,7 +307,7 @@ fn migrate_is_idempotent_concurrent_and_refuses_edited_files() {
 
 #[test]
 fn restart_resumes_from_mysql_when_it_is_ahead_of_the_local_cursor() {
-    let db = migrated_db();
+    let db = TestDb::migrated();
     let mut agent = Agent::start(&mysql_section(&db.url()));
     let acked = send_all(&mut agent.connect(), &(0..300).map(metric_line).collect::<Vec<_>>());
     db.wait_for_rows("dd_metrics", 300, 60);
@@ -357,7 +334,7 @@ fn restart_resumes_from_mysql_when_it_is_ahead_of_the_local_cursor() {
 #[test]
 fn the_password_file_must_be_private_and_is_used() {
     use std::os::unix::fs::PermissionsExt;
-    let db = migrated_db();
+    let db = TestDb::migrated();
     let dir = tempfile::tempdir().unwrap();
     let password_file = dir.path().join("mysql.password");
     // The test server's user has whatever password its URL carries (often none).
@@ -392,7 +369,7 @@ fn the_password_file_must_be_private_and_is_used() {
 
 #[test]
 fn an_offset_beyond_the_wal_is_not_trusted() {
-    let db = migrated_db();
+    let db = TestDb::migrated();
     // Another host with the same agent id got far ahead (or this WAL is an old copy).
     db.exec(
         "INSERT INTO telemetry_offsets (agent_id, sink, last_seq, updated_at) \

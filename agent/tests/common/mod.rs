@@ -132,7 +132,8 @@ impl Drop for Agent {
     }
 }
 
-/// Appends `extra`'s sections to the base config, merging repeated section headers.
+/// Appends `extra`'s sections to the base config, merging repeated section headers; a key set again in
+/// `extra` replaces the base's.
 fn merge_sections(config: &str) -> String {
     let mut sections: Vec<(String, Vec<String>)> = Vec::new();
     let mut current = String::new();
@@ -144,7 +145,10 @@ fn merge_sections(config: &str) -> String {
                 sections.push((current.clone(), Vec::new()));
             }
         } else if !line.is_empty() {
-            sections.iter_mut().find(|(name, _)| *name == current).unwrap().1.push(line.to_string());
+            let lines = &mut sections.iter_mut().find(|(name, _)| *name == current).unwrap().1;
+            let key = |l: &str| l.split('=').next().unwrap_or_default().trim().to_string();
+            lines.retain(|l| key(l) != key(line));
+            lines.push(line.to_string());
         }
     }
     sections.into_iter().map(|(name, lines)| format!("{name}\n{}\n", lines.join("\n"))).collect()
@@ -198,6 +202,14 @@ pub fn metric(profile: &str, name: &str, value: f64) -> String {
     format!(r#"{{"kind":"metric","profile_id":"{profile}","name":"{name}","value":{value}}}"#)
 }
 
+/// `telemetry-agent migrate` against `url`.
+pub fn migrate(url: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("migrate.toml");
+    std::fs::write(&config, format!("[mysql]\nurl = {url:?}\n")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["migrate", "--config"]).arg(&config).output().unwrap()
+}
+
 /// A fresh MySQL database for one test, dropped afterwards.
 pub struct TestDb {
     pub name: String,
@@ -222,6 +234,24 @@ impl TestDb {
         });
         let pool = mysql_async::Pool::new(mysql_async::Opts::from_url(&format!("{server_url}/{name}")).unwrap());
         TestDb { name, server_url, runtime, pool }
+    }
+
+    /// A fresh database with the schema applied by `telemetry-agent migrate`.
+    pub fn migrated() -> TestDb {
+        let db = TestDb::new();
+        let output = migrate(&db.url());
+        assert!(output.status.success(), "migrate failed: {}", String::from_utf8_lossy(&output.stderr));
+        db
+    }
+
+    /// The test server's address, for a proxy in front of it.
+    pub fn server_addr() -> std::net::SocketAddr {
+        let url = url::Url::parse(
+            &std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into()),
+        )
+        .unwrap();
+        let host = url.host_str().unwrap_or("127.0.0.1");
+        std::net::ToSocketAddrs::to_socket_addrs(&(host, url.port().unwrap_or(3306))).unwrap().next().unwrap()
     }
 
     pub fn url(&self) -> String {
@@ -392,5 +422,81 @@ impl FaultProxy {
 
     pub fn accepted(&self) -> u64 {
         self.state.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A unique key prefix in the test Redis for one test; its keys are deleted afterwards.
+pub struct TestRedis {
+    pub url: String,
+    pub prefix: String,
+    conn: std::sync::Mutex<redis::Connection>,
+}
+
+impl TestRedis {
+    pub fn new() -> TestRedis {
+        let url = std::env::var("TELEMETRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string());
+        let prefix = format!("tat:{}:{}", std::process::id(), fastrand::u64(..));
+        let conn = redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection())
+            .expect("Redis is not reachable; run scripts/test.sh");
+        TestRedis { url, prefix, conn: std::sync::Mutex::new(conn) }
+    }
+
+    /// The server's address, for a proxy in front of it.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        let url = url::Url::parse(&self.url).unwrap();
+        let host = url.host_str().unwrap_or("127.0.0.1");
+        std::net::ToSocketAddrs::to_socket_addrs(&(host, url.port().unwrap_or(6379))).unwrap().next().unwrap()
+    }
+
+    /// The agent's `[redis]` section for this prefix, reaching Redis at `url`.
+    pub fn section(&self, url: &str) -> String {
+        format!("[redis]\nurl = {url:?}\nkey_prefix = {:?}\n", self.prefix)
+    }
+
+    /// This server's URL with the port of a proxy in front of it.
+    pub fn url_via(&self, port: u16) -> String {
+        let mut url = url::Url::parse(&self.url).unwrap();
+        url.set_host(Some("127.0.0.1")).unwrap();
+        url.set_port(Some(port)).unwrap();
+        url.to_string()
+    }
+
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut conn = self.conn.lock().unwrap();
+        cmd.query(&mut *conn).unwrap()
+    }
+
+    /// `HGETALL {prefix}:{suffix}`
+    pub fn hash(&self, suffix: &str) -> std::collections::BTreeMap<String, String> {
+        self.query(redis::cmd("HGETALL").arg(format!("{}:{suffix}", self.prefix)))
+    }
+
+    /// `GET {prefix}:{suffix}`
+    pub fn get(&self, suffix: &str) -> Option<String> {
+        self.query(redis::cmd("GET").arg(format!("{}:{suffix}", self.prefix)))
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        let mut conn = self.conn.lock().unwrap();
+        let mut scan = redis::cmd("SCAN");
+        scan.cursor_arg(0).arg("MATCH").arg(format!("{}:*", self.prefix)).arg("COUNT").arg(1000);
+        scan.iter::<String>(&mut *conn).unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    /// Names of the connected clients that call themselves `name`.
+    pub fn clients_named(&self, name: &str) -> usize {
+        let list: String = self.query(&redis::cmd("CLIENT").arg("LIST").clone());
+        list.lines().filter(|l| l.split(' ').any(|field| field == format!("name={name}"))).count()
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let keys = self.keys();
+        if !keys.is_empty() {
+            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut *conn);
+        }
     }
 }
