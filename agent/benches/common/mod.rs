@@ -49,6 +49,7 @@ impl Agent {
         process_cpu_seconds(self.child.id())
     }
 
+    #[allow(dead_code)] // Used by one bench binary only.
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
