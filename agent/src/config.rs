@@ -412,6 +412,40 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_settings_of_the_example_are_the_defaults() {
+        let is_setting = |line: &str| {
+            (line.starts_with('[') && line.ends_with(']'))
+                || line
+                    .split_once(" = ")
+                    .is_some_and(|(key, _)| key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        };
+        let uncommented: Vec<&str> = include_str!("../../packaging/agent.toml")
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(setting) if is_setting(setting) => setting,
+                _ => line,
+            })
+            .collect();
+        let example: Config = toml::from_str(&uncommented.join("\n")).unwrap();
+        example.validate().unwrap();
+        let mysql = example.mysql.unwrap();
+        let expected = MysqlConfig {
+            url: mysql.url.clone(),
+            password_file: mysql.password_file.clone(),
+            tls_ca_file: mysql.tls_ca_file.clone(),
+            ..MysqlConfig::default()
+        };
+        assert_eq!(format!("{mysql:?}"), format!("{expected:?}"));
+        let redis = example.redis.unwrap();
+        let expected = RedisConfig {
+            url: redis.url.clone(),
+            password_file: redis.password_file.clone(),
+            ..RedisConfig::default()
+        };
+        assert_eq!(format!("{redis:?}"), format!("{expected:?}"));
+    }
+
+    #[test]
     fn secrets_are_masked() {
         assert_eq!(mask_url("mysql://u:hunter2@db:3306/t"), "mysql://u:****@db:3306/t");
         assert_eq!(mask_url("redis://:pw@127.0.0.1:6379"), "redis://:****@127.0.0.1:6379");
