@@ -10,7 +10,7 @@
 //!   or replayed value never overwrites a newer one. Every (re)connect pushes the whole table once, which
 //!   also repairs a Redis that restarted empty.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,10 +156,13 @@ impl Latest {
 }
 
 /// Table keys changed since Redis last took them, each with the generation of its last change, so that a
-/// key changed again while its push was in flight stays dirty.
+/// key changed again while its push was in flight stays dirty. Taken oldest first, so that under constant
+/// change every key gets its turn.
 #[derive(Default)]
 struct Dirty {
     keys: HashMap<Vec<u8>, u64>,
+    /// Dirty keys not being pushed, oldest first.
+    queue: VecDeque<Vec<u8>>,
     generation: u64,
 }
 
@@ -167,18 +170,36 @@ impl Dirty {
     fn mark(&mut self, keys: impl IntoIterator<Item = Vec<u8>>) {
         self.generation += 1;
         for key in keys {
-            self.keys.insert(key, self.generation);
+            if self.keys.insert(key.clone(), self.generation).is_none() {
+                self.queue.push_back(key);
+            }
         }
     }
 
-    fn take(&self, max: usize) -> Vec<(Vec<u8>, u64)> {
-        self.keys.iter().take(max).map(|(k, g)| (k.clone(), *g)).collect()
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 
-    fn done(&mut self, taken: &[(Vec<u8>, u64)]) {
+    /// Up to `max` keys to push; give them back with [`Dirty::finish`].
+    fn take(&mut self, max: usize) -> Vec<(Vec<u8>, u64)> {
+        let n = max.min(self.queue.len());
+        let keys = &self.keys;
+        self.queue
+            .drain(..n)
+            .map(|key| {
+                let generation = keys.get(&key).copied().unwrap_or_default();
+                (key, generation)
+            })
+            .collect()
+    }
+
+    /// After a push: keys it wrote are clean unless they changed meanwhile; after a failure all stay dirty.
+    fn finish(&mut self, taken: Vec<(Vec<u8>, u64)>, pushed: bool) {
         for (key, generation) in taken {
-            if self.keys.get(key) == Some(generation) {
-                self.keys.remove(key);
+            if pushed && self.keys.get(&key) == Some(&generation) {
+                self.keys.remove(&key);
+            } else {
+                self.queue.push_back(key);
             }
         }
     }
@@ -299,26 +320,30 @@ impl Mirror {
         let mut backoff = RETRY_INITIAL;
         loop {
             let mut idle = false;
-            if conn.is_some() && self.lock_dirty().keys.is_empty() {
+            if conn.is_some() && self.lock_dirty().is_empty() {
                 tokio::select! {
                     () = self.changed.notified() => {}
                     () = tokio::time::sleep(IDLE_PING) => idle = true,
                     _ = shutdown.changed() => return Err(Stopped),
                 }
             }
-            let result = match conn.as_mut() {
-                // A quiet connection may have died (or Redis restarted empty): find out before data waits on it.
-                Some(c) if idle => redis::cmd("PING").exec_async(c).await.context("Redis PING failed"),
-                Some(c) => self.push(c).await,
-                None => match self.connect().await {
-                    Ok(c) => {
-                        conn = Some(c);
+            let work = async {
+                match conn.as_mut() {
+                    // A quiet connection may have died (or Redis restarted empty): find out before data waits.
+                    Some(c) if idle => redis::cmd("PING").exec_async(c).await.context("Redis PING failed"),
+                    Some(c) => self.push(c).await,
+                    None => {
+                        conn = Some(self.connect().await?);
                         // Whatever Redis missed or lost while we were away: push the whole table once.
                         self.mark_all_dirty().await;
                         Ok(())
                     }
-                    Err(e) => Err(e),
-                },
+                }
+            };
+            // A stop does not wait for a slow Redis: what was not pushed is in the table for the next start.
+            let result = tokio::select! {
+                result = work => result,
+                _ = shutdown.changed() => return Err(Stopped),
             };
             match result {
                 Ok(()) => {
@@ -394,6 +419,12 @@ impl Mirror {
         if taken.is_empty() {
             return Ok(());
         }
+        let result = self.push_entries(conn, &taken).await;
+        self.lock_dirty().finish(taken, result.is_ok());
+        result
+    }
+
+    async fn push_entries(&self, conn: &mut MultiplexedConnection, taken: &[(Vec<u8>, u64)]) -> anyhow::Result<()> {
         let profiles = {
             let (table, keys) = (self.table.clone(), taken.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
             tokio::task::spawn_blocking(move || read_profiles(&table, &keys))
@@ -441,7 +472,6 @@ impl Mirror {
                 ),
             }
         }
-        self.lock_dirty().done(&taken);
         tracing::debug!(entries = taken.len(), profiles = profiles.len(), changed, "pushed to Redis");
         Ok(())
     }
@@ -533,12 +563,18 @@ mod tests {
     }
 
     #[test]
-    fn a_key_changed_during_its_push_stays_dirty() {
+    fn a_key_changed_during_its_push_stays_dirty_and_waits_its_turn() {
+        let (a, b, c) = (b"a".to_vec(), b"b".to_vec(), b"c".to_vec());
         let mut dirty = Dirty::default();
-        dirty.mark([b"a".to_vec(), b"b".to_vec()]);
+        dirty.mark([a.clone(), b.clone()]);
         let taken = dirty.take(10);
-        dirty.mark([b"a".to_vec()]);
-        dirty.done(&taken);
-        assert_eq!(dirty.keys.keys().collect::<Vec<_>>(), vec![&b"a".to_vec()]);
+        dirty.mark([a.clone(), c.clone()]);
+        dirty.finish(taken, true);
+        assert_eq!(dirty.keys.len(), 2);
+        assert_eq!(dirty.take(1)[0].0, c, "c became dirty before a's second change was seen");
+        let taken = dirty.take(1);
+        assert_eq!(taken[0].0, a);
+        dirty.finish(taken, false);
+        assert_eq!(dirty.take(5).len(), 1, "a failed push keeps its keys dirty");
     }
 }
