@@ -133,6 +133,15 @@ fn send_all(agent: &Agent, lines: &[String], clients: usize) {
     });
 }
 
+/// Waits (up to 15 s: closed connections take a moment to leave `CLIENT LIST`) for exactly one connection.
+fn wait_for_one_connection(redis: &TestRedis, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while redis.clients_named(name) != 1 {
+        assert!(Instant::now() < deadline, "the agent holds {} Redis connections, not 1", redis.clients_named(name));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn unique_agent_id() -> String {
     format!("rt-{}-{}", std::process::id(), fastrand::u32(..))
 }
@@ -214,11 +223,7 @@ fn connection_cuts_during_a_stream_converge_with_one_connection_at_a_time() {
     assert!(proxy.accepted() >= 5, "the mirror reconnected only {} times", proxy.accepted());
     assert!(most_connections <= 1, "the agent held {most_connections} Redis connections at once");
     // The last cut may have hit an idle connection: the mirror's idle check replaces it within seconds.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while redis.clients_named(&name) != 1 {
-        assert!(Instant::now() < deadline, "the agent holds {} Redis connections, not 1", redis.clients_named(&name));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_one_connection(&redis, &name);
     let log = agent.log();
     assert!(log.contains("Redis unreachable") && log.contains("Redis reachable again"), "{log}");
 }
@@ -283,4 +288,30 @@ fn a_mysql_outage_does_not_stop_redis_updates() {
     mysql_proxy.set_down(false);
     db.wait_for_rows("dd_metrics", 200, 60);
     db.wait_for_rows("dd_trade_performance", 50, 10);
+}
+
+#[test]
+fn a_stalled_connection_is_replaced_and_nothing_is_lost() {
+    let redis = TestRedis::new();
+    let proxy = FaultProxy::start(redis.addr());
+    let agent_id = unique_agent_id();
+    let agent = Agent::start(&format!(
+        "[agent]\nid = {agent_id:?}\n{}response_timeout_ms = 300\nconnect_timeout_ms = 300\nretry_max_ms = 500\n",
+        redis.section(&redis.url_via(proxy.port))
+    ));
+    let mut expected = Expected::default();
+    let first = expected.stream(5, 3, 5, 1_795_000_000_000);
+    send_all(&agent, &first, 1);
+    expected.wait_for(&redis, 20, &agent);
+
+    // Redis stops answering (the connection stays open): pushes time out; the mirror keeps retrying.
+    proxy.set_stalled(true);
+    let second = expected.stream(5, 3, 5, 1_795_000_001_000);
+    send_all(&agent, &second, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.set_stalled(false);
+    expected.wait_for(&redis, 20, &agent);
+    let log = agent.log();
+    assert!(log.contains("timed out") && log.contains("Redis reachable again"), "{log}");
+    wait_for_one_connection(&redis, &format!("telemetry-agent:{agent_id}"));
 }
