@@ -28,45 +28,62 @@ pub const SINK: &str = "redis";
 const TABLE: &str = "redis_latest";
 /// Records folded per step.
 const FOLD_BATCH: usize = 10_000;
-/// Table entries pushed per pipeline.
+/// Table entries pushed per pipeline...
 const SYNC_BATCH: usize = 10_000;
+/// ...and roughly the most bytes per pipeline (trades carry their `meta`).
+const SYNC_BATCH_BYTES: usize = 4 << 20;
 const RETRY_INITIAL: Duration = Duration::from_millis(100);
 /// How often an idle connection is checked.
 const IDLE_PING: Duration = Duration::from_secs(5);
 
-/// Writes one profile's newest metrics and trade, each only if it is not older than what Redis holds.
-/// KEYS: metrics hash, metrics_ts hash, profiles set, last_trade string.
-/// ARGV: updates channel ('' for none), profile id, metric count n, n x (name, value, ts in epoch ms),
-/// then optionally the trade's JSON and its `closed_at` (RFC 3339 with six fractional digits, which sorts
-/// as time does). Returns how many values changed.
-const UPDATE_SCRIPT: &str = r#"
+/// Writes one profile's newest metrics and trade, each only if it is newer than what Redis holds.
+/// KEYS: metrics hash, metrics_ts hash, profiles set, last_trade string, order hash.
+/// ARGV: updates channel ('' for none), profile id, metric count n, n x (name, value, ts in epoch ms,
+/// order), then optionally the trade's JSON, its order and its `closed_at` (RFC 3339).
+/// An order is the event's timestamp in µs and its WAL seq as 38 fixed-width digits: the order hash keeps
+/// the order of what the mirror wrote, so that events in the same millisecond compare exactly; equal orders
+/// (the same event again) change nothing. Values written by someone else have no order: they are compared
+/// by `metrics_ts` (the newer millisecond wins, ours on a tie) and by the stored trade's `closed_at`.
+/// Returns how many values changed.
+pub const UPDATE_SCRIPT: &str = r#"
 local n = tonumber(ARGV[3])
 local changed = {}
 for i = 0, n - 1 do
-  local name, value, ts = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+  local name, value, ts, ord = ARGV[4 + 4 * i], ARGV[5 + 4 * i], ARGV[6 + 4 * i], ARGV[7 + 4 * i]
   local stored = tonumber(redis.call('HGET', KEYS[2], name))
   local t = tonumber(ts)
-  if not stored or t > stored or (t == stored and redis.call('HGET', KEYS[1], name) ~= value) then
+  local newer = not stored or t > stored
+  if stored and t == stored then
+    local stored_ord = redis.call('HGET', KEYS[5], 'm:' .. name)
+    newer = not stored_ord or ord > stored_ord
+  end
+  if newer then
+    local old = redis.call('HGET', KEYS[1], name)
     redis.call('HSET', KEYS[1], name, value)
     redis.call('HSET', KEYS[2], name, ts)
-    changed[#changed + 1] = cjson.encode(name)
+    redis.call('HSET', KEYS[5], 'm:' .. name, ord)
+    if old ~= value or stored ~= t then
+      changed[#changed + 1] = cjson.encode(name)
+    end
   end
 end
 local trade_changed = false
-local json = ARGV[4 + 3 * n]
+local json = ARGV[4 + 4 * n]
 if json then
-  local closed_at = ARGV[5 + 3 * n]
+  local ord, closed_at = ARGV[5 + 4 * n], ARGV[6 + 4 * n]
   local old = redis.call('GET', KEYS[4])
-  local old_closed = nil
-  if old then
+  local stored_ord = redis.call('HGET', KEYS[5], 'trade')
+  local newer = not old
+  if old and stored_ord then
+    newer = ord > stored_ord
+  elseif old then
     local ok, decoded = pcall(cjson.decode, old)
-    if ok and type(decoded) == 'table' and type(decoded.closed_at) == 'string' then
-      old_closed = decoded.closed_at
-    end
+    newer = not (ok and type(decoded) == 'table' and type(decoded.closed_at) == 'string') or closed_at >= decoded.closed_at
   end
-  if not old_closed or closed_at > old_closed or (closed_at == old_closed and old ~= json) then
+  if newer then
     redis.call('SET', KEYS[4], json)
-    trade_changed = true
+    redis.call('HSET', KEYS[5], 'trade', ord)
+    trade_changed = old ~= json
   end
 end
 redis.call('SADD', KEYS[3], ARGV[2])
@@ -76,6 +93,11 @@ if ARGV[1] ~= '' and (#changed > 0 or trade_changed) then
 end
 return #changed + (trade_changed and 1 or 0)
 "#;
+
+/// The script's order of an event: µs timestamp and seq, fixed width, so that text order is event order.
+fn order(ts_us: i64, seq: u64) -> String {
+    format!("{:018}{seq:020}", ts_us.max(0))
+}
 
 /// A key of the `redis_latest` table: a kind byte, the profile id's length and the profile id, then the
 /// metric name (metrics only). Profile ids are at most 64 characters of `[A-Za-z0-9_.:-]`.
@@ -164,6 +186,10 @@ struct Dirty {
     /// Dirty keys not being pushed, oldest first.
     queue: VecDeque<Vec<u8>>,
     generation: u64,
+    /// Keys Redis refused because of what it holds (a key of another type under the prefix): retried now
+    /// and then rather than every round, so that they do not hold up the others.
+    parked: Vec<Vec<u8>>,
+    parked_since: Option<Instant>,
 }
 
 impl Dirty {
@@ -193,16 +219,66 @@ impl Dirty {
             .collect()
     }
 
-    /// After a push: keys it wrote are clean unless they changed meanwhile; after a failure all stay dirty.
-    fn finish(&mut self, taken: Vec<(Vec<u8>, u64)>, pushed: bool) {
+    /// After a push: what Redis took is clean unless it changed meanwhile; what it refused because of its
+    /// keys is parked; the rest (not sent, or a failure) stays dirty.
+    fn finish(&mut self, taken: Vec<(Vec<u8>, u64)>, outcome: impl Fn(&[u8]) -> Outcome) {
         for (key, generation) in taken {
-            if pushed && self.keys.get(&key) == Some(&generation) {
-                self.keys.remove(&key);
-            } else {
-                self.queue.push_back(key);
+            match outcome(&key) {
+                Outcome::Written if self.keys.get(&key) == Some(&generation) => {
+                    self.keys.remove(&key);
+                }
+                Outcome::Parked if self.keys.get(&key) == Some(&generation) => {
+                    self.keys.remove(&key);
+                    self.parked_since.get_or_insert_with(Instant::now);
+                    self.parked.push(key);
+                }
+                _ => self.queue.push_back(key),
             }
         }
     }
+
+    /// Parked keys become dirty again once they have waited `after`.
+    fn unpark(&mut self, after: Duration) {
+        if self.parked_since.is_some_and(|since| since.elapsed() >= after) {
+            self.parked_since = None;
+            let parked = std::mem::take(&mut self.parked);
+            self.mark(parked);
+        }
+    }
+}
+
+/// What became of one key in a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Written,
+    /// Redis refused it for what it holds under the key.
+    Parked,
+    /// Not sent, or Redis could not take it now.
+    Retry,
+}
+
+/// Why a sync step failed, and so what to do next.
+enum SyncError {
+    /// Connection lost, timed out, or never made: reconnect with backoff.
+    Connection(anyhow::Error),
+    /// Redis answered but refused the writes (out of memory, a failing snapshot, a replica): keep the
+    /// connection, back off.
+    Refused(String),
+    /// Reading our own table failed.
+    Local(String),
+}
+
+impl From<RedisError> for SyncError {
+    fn from(e: RedisError) -> Self {
+        SyncError::Connection(e.into())
+    }
+}
+
+/// What a sync step did.
+enum Step {
+    Connected,
+    Pushed,
+    Idle,
 }
 
 pub struct Mirror {
@@ -281,6 +357,10 @@ impl Mirror {
             }
         };
         loop {
+            // A long backlog (the mirror newly enabled on a full WAL) must not hold up a stop.
+            if *shutdown.borrow() {
+                return Err(Stopped);
+            }
             durable.borrow_and_update();
             let step = {
                 let (wal, table, agent_id) = (self.wal.clone(), self.table.clone(), self.agent_id.clone());
@@ -317,26 +397,31 @@ impl Mirror {
         let mut shutdown = self.shutdown.clone();
         let mut conn: Option<MultiplexedConnection> = None;
         let mut outage: Option<(Instant, String)> = None;
+        let retry_max = Duration::from_millis(self.config.retry_max_ms);
         let mut backoff = RETRY_INITIAL;
         loop {
+            self.lock_dirty().unpark(retry_max);
             let mut idle = false;
             if conn.is_some() && self.lock_dirty().is_empty() {
                 tokio::select! {
                     () = self.changed.notified() => {}
-                    () = tokio::time::sleep(IDLE_PING) => idle = true,
+                    () = tokio::time::sleep(IDLE_PING.min(retry_max)) => idle = true,
                     _ = shutdown.changed() => return Err(Stopped),
                 }
             }
             let work = async {
                 match conn.as_mut() {
                     // A quiet connection may have died (or Redis restarted empty): find out before data waits.
-                    Some(c) if idle => redis::cmd("PING").exec_async(c).await.context("Redis PING failed"),
-                    Some(c) => self.push(c).await,
+                    Some(c) if idle => {
+                        redis::cmd("PING").exec_async(c).await?;
+                        Ok(Step::Idle)
+                    }
+                    Some(c) => self.push(c).await.map(|()| Step::Pushed),
                     None => {
-                        conn = Some(self.connect().await?);
+                        conn = Some(self.connect().await.map_err(SyncError::Connection)?);
                         // Whatever Redis missed or lost while we were away: push the whole table once.
-                        self.mark_all_dirty().await;
-                        Ok(())
+                        self.mark_all_dirty().await.map_err(SyncError::Local)?;
+                        Ok(Step::Connected)
                     }
                 }
             };
@@ -345,8 +430,10 @@ impl Mirror {
                 result = work => result,
                 _ = shutdown.changed() => return Err(Stopped),
             };
-            match result {
-                Ok(()) => {
+            let error = match result {
+                // Only a write that went through ends an outage: a connection that cannot write is no better.
+                Ok(Step::Connected) => continue,
+                Ok(Step::Pushed | Step::Idle) => {
                     if let Some((since, _)) = outage.take() {
                         tracing::warn!(
                             outage_secs = since.elapsed().as_secs_f64(),
@@ -354,26 +441,31 @@ impl Mirror {
                         );
                     }
                     backoff = RETRY_INITIAL;
+                    continue;
                 }
-                Err(e) => {
+                Err(SyncError::Connection(e)) => {
                     conn = None;
-                    let error = format!("{e:#}");
-                    match &outage {
-                        None => {
-                            tracing::warn!(error, url = %mask_url(&self.config.url), "Redis unreachable; retrying (the WAL keeps the newest values meanwhile)");
-                            outage = Some((Instant::now(), error));
-                        }
-                        Some((_, last)) if *last != error => tracing::debug!(error, "Redis still unreachable"),
-                        Some(_) => {}
-                    }
-                    let max = Duration::from_millis(self.config.retry_max_ms);
-                    let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
-                    backoff = (backoff * 2).min(max);
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = shutdown.changed() => return Err(Stopped),
-                    }
+                    format!("Redis unreachable: {e:#}")
                 }
+                Err(SyncError::Refused(e)) => format!("Redis refuses the mirror's writes: {e}"),
+                Err(SyncError::Local(e)) => {
+                    tracing::error!(error = e, "the Redis mirror cannot read its table; retrying");
+                    e
+                }
+            };
+            match &outage {
+                None => {
+                    tracing::warn!(error, url = %mask_url(&self.config.url), "Redis mirror waiting; retrying (the newest values are kept meanwhile)");
+                    outage = Some((Instant::now(), error));
+                }
+                Some((_, last)) if *last != error => tracing::debug!(error, "Redis mirror still waiting"),
+                Some(_) => {}
+            }
+            let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+            backoff = (backoff * 2).min(retry_max);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return Err(Stopped),
             }
         }
     }
@@ -401,59 +493,79 @@ impl Mirror {
         }
     }
 
-    async fn mark_all_dirty(&self) {
+    async fn mark_all_dirty(&self) -> Result<(), String> {
         let table = self.table.clone();
         match tokio::task::spawn_blocking(move || table.keys()).await {
-            Ok(Ok(keys)) => self.lock_dirty().mark(keys),
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot read the mirror's table"),
-            Err(e) => tracing::error!(error = %e, "the mirror's table read task failed"),
+            Ok(Ok(keys)) => {
+                self.lock_dirty().mark(keys);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("the table read task failed: {e}")),
         }
     }
 
-    /// Pushes up to [`SYNC_BATCH`] dirty entries in one pipeline. A connection error fails the whole push
-    /// (it is retried on a new connection); a script missing after a Redis restart is loaded and the push
-    /// retried; an error Redis gives for one profile's keys (a key of another type, say) is logged and that
-    /// profile skipped until the next full push.
-    async fn push(&self, conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
+    /// Pushes up to [`SYNC_BATCH`] dirty entries (at most [`SYNC_BATCH_BYTES`]) in one pipeline. A script
+    /// missing after a Redis restart is loaded and the push retried. A profile Redis refuses for what it
+    /// holds under its keys (WRONGTYPE) is logged and parked; the others go on.
+    async fn push(&self, conn: &mut MultiplexedConnection) -> Result<(), SyncError> {
         let taken = self.lock_dirty().take(SYNC_BATCH);
         if taken.is_empty() {
             return Ok(());
         }
-        let result = self.push_entries(conn, &taken).await;
-        self.lock_dirty().finish(taken, result.is_ok());
+        let mut outcomes: HashMap<Vec<u8>, Outcome> = HashMap::new();
+        let result = self.push_entries(conn, &taken, &mut outcomes).await;
+        self.lock_dirty().finish(taken, |key| outcomes.get(key).copied().unwrap_or(Outcome::Retry));
         result
     }
 
-    async fn push_entries(&self, conn: &mut MultiplexedConnection, taken: &[(Vec<u8>, u64)]) -> anyhow::Result<()> {
+    async fn push_entries(
+        &self,
+        conn: &mut MultiplexedConnection,
+        taken: &[(Vec<u8>, u64)],
+        outcomes: &mut HashMap<Vec<u8>, Outcome>,
+    ) -> Result<(), SyncError> {
         let profiles = {
             let (table, keys) = (self.table.clone(), taken.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
-            tokio::task::spawn_blocking(move || read_profiles(&table, &keys))
-                .await
-                .context("the mirror's table read task failed")?
-                .context("cannot read the mirror's table")?
+            match tokio::task::spawn_blocking(move || read_profiles(&table, keys)).await {
+                Ok(Ok(profiles)) => profiles,
+                Ok(Err(e)) => return Err(SyncError::Local(e.to_string())),
+                Err(e) => return Err(SyncError::Local(format!("the table read task failed: {e}"))),
+            }
         };
         let channel =
             if self.config.publish_updates { format!("{}:updates", self.config.key_prefix) } else { String::new() };
+        let prefix = &self.config.key_prefix;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let prefix = &self.config.key_prefix;
-        let order: Vec<&String> = profiles.keys().collect();
-        for (profile, update) in &profiles {
+        let mut sent: Vec<&ProfileUpdate> = Vec::new();
+        let mut bytes = 0;
+        for update in &profiles {
+            if !sent.is_empty() && bytes + update.bytes > SYNC_BATCH_BYTES {
+                break;
+            }
+            bytes += update.bytes;
+            let profile = &update.profile_id;
             let mut call = self.script.prepare_invoke();
             call.key(format!("{prefix}:{profile}:metrics"))
                 .key(format!("{prefix}:{profile}:metrics_ts"))
                 .key(format!("{prefix}:profiles"))
                 .key(format!("{prefix}:{profile}:last_trade"))
+                .key(format!("{prefix}:{profile}:order"))
                 .arg(&channel)
                 .arg(profile)
                 .arg(update.metrics.len());
-            for (name, value, ts_us) in &update.metrics {
-                call.arg(name).arg(value.to_string()).arg(ts_us.div_euclid(1000));
+            for metric in &update.metrics {
+                call.arg(&metric.name)
+                    .arg(metric.value.to_string())
+                    .arg(metric.ts_us.div_euclid(1000))
+                    .arg(&metric.order);
             }
-            if let Some((json, closed_at)) = &update.trade {
-                call.arg(json).arg(closed_at);
+            if let Some(trade) = &update.trade {
+                call.arg(&trade.json).arg(&trade.order).arg(&trade.closed_at);
             }
             pipe.invoke_script(&call);
+            sent.push(update);
         }
         let mut results: Vec<redis::RedisResult<i64>> = pipe.query_async(conn).await?;
         if results.iter().any(|r| matches!(r, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))) {
@@ -461,35 +573,65 @@ impl Mirror {
             self.script.prepare_invoke().load_async(conn).await?;
             results = pipe.query_async(conn).await?;
         }
+        let mut refused = None;
         let mut changed = 0;
-        for (profile, result) in order.iter().zip(&results) {
-            match result {
-                Ok(n) => changed += n,
-                Err(e) => tracing::error!(
-                    profile_id = %profile,
-                    error = %e,
-                    "Redis refused the mirror's update for this profile; it is retried after the next reconnect"
-                ),
-            }
+        for (update, result) in sent.iter().zip(&results) {
+            let outcome = match result {
+                Ok(n) => {
+                    changed += n;
+                    Outcome::Written
+                }
+                Err(e) if e.code() == Some("WRONGTYPE") => {
+                    tracing::error!(
+                        profile_id = %update.profile_id,
+                        error = %e,
+                        "Redis holds a key of another type where the mirror writes this profile; retrying it every retry_max_ms"
+                    );
+                    Outcome::Parked
+                }
+                Err(e) => {
+                    refused.get_or_insert_with(|| e.to_string());
+                    Outcome::Retry
+                }
+            };
+            outcomes.extend(update.keys.iter().map(|key| (key.clone(), outcome)));
         }
-        tracing::debug!(entries = taken.len(), profiles = profiles.len(), changed, "pushed to Redis");
-        Ok(())
+        tracing::debug!(entries = outcomes.len(), profiles = sent.len(), changed, "pushed to Redis");
+        match refused {
+            Some(error) => Err(SyncError::Refused(error)),
+            None => Ok(()),
+        }
     }
 }
 
 /// One profile's share of a push.
-#[derive(Default)]
 struct ProfileUpdate {
-    /// (name, value, ts in µs)
-    metrics: Vec<(String, f64, i64)>,
-    /// (JSON, closed_at as RFC 3339)
-    trade: Option<(String, String)>,
+    profile_id: String,
+    metrics: Vec<MetricUpdate>,
+    trade: Option<TradeUpdate>,
+    /// The table keys it covers.
+    keys: Vec<Vec<u8>>,
+    /// Roughly what it adds to the pipeline.
+    bytes: usize,
 }
 
-fn read_profiles(table: &Table, keys: &[Vec<u8>]) -> Result<BTreeMap<String, ProfileUpdate>, telemetry_wal::WalError> {
+struct MetricUpdate {
+    name: String,
+    value: f64,
+    ts_us: i64,
+    order: String,
+}
+
+struct TradeUpdate {
+    json: String,
+    order: String,
+    closed_at: String,
+}
+
+fn read_profiles(table: &Table, keys: Vec<Vec<u8>>) -> Result<Vec<ProfileUpdate>, telemetry_wal::WalError> {
     let mut profiles: BTreeMap<String, ProfileUpdate> = BTreeMap::new();
     for key in keys {
-        let Some(bytes) = table.get(key)? else { continue };
+        let Some(bytes) = table.get(&key)? else { continue };
         let latest = match Latest::decode(&bytes) {
             Ok(latest) => latest,
             Err(e) => {
@@ -497,15 +639,29 @@ fn read_profiles(table: &Table, keys: &[Vec<u8>]) -> Result<BTreeMap<String, Pro
                 continue;
             }
         };
-        let update = profiles.entry(latest.profile_id().to_string()).or_default();
+        let profile_id = latest.profile_id().to_string();
+        let update = profiles.entry(profile_id.clone()).or_insert_with(|| ProfileUpdate {
+            bytes: 4 * profile_id.len() + 100,
+            profile_id,
+            metrics: Vec::new(),
+            trade: None,
+            keys: Vec::new(),
+        });
+        update.keys.push(key);
         match latest {
-            Latest::Metric { name, value, ts_us, .. } => update.metrics.push((name, value, ts_us)),
-            Latest::Trade { trade, event_id, .. } => {
-                update.trade = Some((trade.to_json(Some(&event_id)), rfc3339_us(trade.closed_at_us)));
+            Latest::Metric { name, value, ts_us, seq, .. } => {
+                update.bytes += name.len() + 90;
+                update.metrics.push(MetricUpdate { name, value, ts_us, order: order(ts_us, seq) });
+            }
+            Latest::Trade { trade, event_id, seq } => {
+                let json = trade.to_json(Some(&event_id));
+                update.bytes += json.len() + 80;
+                let (order, closed_at) = (order(trade.closed_at_us, seq), rfc3339_us(trade.closed_at_us));
+                update.trade = Some(TradeUpdate { json, order, closed_at });
             }
         }
     }
-    Ok(profiles)
+    Ok(profiles.into_values().collect())
 }
 
 /// What one fold step did.
@@ -569,12 +725,33 @@ mod tests {
         dirty.mark([a.clone(), b.clone()]);
         let taken = dirty.take(10);
         dirty.mark([a.clone(), c.clone()]);
-        dirty.finish(taken, true);
+        dirty.finish(taken, |_| Outcome::Written);
         assert_eq!(dirty.keys.len(), 2);
         assert_eq!(dirty.take(1)[0].0, c, "c became dirty before a's second change was seen");
         let taken = dirty.take(1);
         assert_eq!(taken[0].0, a);
-        dirty.finish(taken, false);
+        dirty.finish(taken, |_| Outcome::Retry);
         assert_eq!(dirty.take(5).len(), 1, "a failed push keeps its keys dirty");
+    }
+
+    #[test]
+    fn parked_keys_come_back_after_a_while() {
+        let mut dirty = Dirty::default();
+        dirty.mark([b"a".to_vec(), b"b".to_vec()]);
+        let taken = dirty.take(10);
+        dirty.finish(taken, |key| if key == b"a" { Outcome::Parked } else { Outcome::Written });
+        assert!(dirty.is_empty());
+        dirty.unpark(Duration::from_secs(60));
+        assert!(dirty.is_empty(), "too early");
+        dirty.unpark(Duration::ZERO);
+        assert_eq!(dirty.take(10), vec![(b"a".to_vec(), 2)]);
+    }
+
+    #[test]
+    fn orders_sort_as_time_then_seq() {
+        assert!(order(1_000_001, 1) > order(1_000_000, 99));
+        assert!(order(5, 10) > order(5, 9));
+        assert_eq!(order(1, 2).len(), 38);
+        assert_eq!(order(253_402_300_799_999_999, u64::MAX).len(), 38);
     }
 }

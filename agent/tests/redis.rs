@@ -192,14 +192,19 @@ fn connection_cuts_during_a_stream_converge_with_one_connection_at_a_time() {
     let mut expected = Expected::default();
     let batches: Vec<Vec<String>> = (0..10).map(|i| expected.stream(10, 4, 10, 1_795_000_000_000 + i * 1000)).collect();
     let done = std::sync::atomic::AtomicBool::new(false);
-    let most_connections = std::thread::scope(|scope| {
+    let (samples, crowded, most) = std::thread::scope(|scope| {
+        // A cut connection takes a moment to leave `CLIENT LIST` (the proxy closes it within 50 ms), so a
+        // sample may rarely see it beside its successor; a connection per push would show everywhere.
         let sampler = scope.spawn(|| {
-            let mut most = 0;
+            let (mut samples, mut crowded, mut most) = (0, 0, 0);
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                most = most.max(redis.clients_named(&name));
+                let n = redis.clients_named(&name);
+                samples += 1;
+                crowded += usize::from(n > 1);
+                most = most.max(n);
                 std::thread::sleep(Duration::from_millis(10));
             }
-            most
+            (samples, crowded, most)
         });
         let cutter = scope.spawn(|| {
             let mut cuts = 0;
@@ -221,11 +226,14 @@ fn connection_cuts_during_a_stream_converge_with_one_connection_at_a_time() {
     });
     expected.wait_for(&redis, 30, &agent);
     assert!(proxy.accepted() >= 5, "the mirror reconnected only {} times", proxy.accepted());
-    assert!(most_connections <= 1, "the agent held {most_connections} Redis connections at once");
+    assert!(
+        most <= 2 && crowded * 20 <= samples,
+        "the agent held more than one Redis connection in {crowded} of {samples} samples (at most {most})"
+    );
     // The last cut may have hit an idle connection: the mirror's idle check replaces it within seconds.
     wait_for_one_connection(&redis, &name);
-    let log = agent.log();
-    assert!(log.contains("Redis unreachable") && log.contains("Redis reachable again"), "{log}");
+    agent.wait_for_log("Redis reachable again", 10);
+    assert!(agent.log().contains("Redis unreachable"), "{}", agent.log());
 }
 
 #[test]
@@ -311,7 +319,76 @@ fn a_stalled_connection_is_replaced_and_nothing_is_lost() {
     std::thread::sleep(Duration::from_secs(2));
     proxy.set_stalled(false);
     expected.wait_for(&redis, 20, &agent);
-    let log = agent.log();
-    assert!(log.contains("timed out") && log.contains("Redis reachable again"), "{log}");
+    agent.wait_for_log("Redis reachable again", 10);
+    assert!(agent.log().contains("timed out"), "{}", agent.log());
     wait_for_one_connection(&redis, &format!("telemetry-agent:{agent_id}"));
+}
+
+/// Runs the mirror's script directly for one metric and returns what Redis then holds for it.
+fn run_script(redis: &TestRedis, value: &str, ts_ms: i64, order: &str) -> (String, String) {
+    let prefix = &redis.prefix;
+    let _: i64 = redis.query(
+        redis::cmd("EVAL")
+            .arg(telemetry_agent::mirror::UPDATE_SCRIPT)
+            .arg(5)
+            .arg(format!("{prefix}:p:metrics"))
+            .arg(format!("{prefix}:p:metrics_ts"))
+            .arg(format!("{prefix}:profiles"))
+            .arg(format!("{prefix}:p:last_trade"))
+            .arg(format!("{prefix}:p:order"))
+            .arg("")
+            .arg("p")
+            .arg(1)
+            .arg("m")
+            .arg(value)
+            .arg(ts_ms)
+            .arg(order),
+    );
+    let values = redis.hash("p:metrics");
+    let stamps = redis.hash("p:metrics_ts");
+    (values["m"].clone(), stamps["m"].clone())
+}
+
+#[test]
+fn within_one_millisecond_the_script_still_keeps_the_newer_event() {
+    let redis = TestRedis::new();
+    // Orders are µs timestamp (18 digits) then WAL seq (20 digits).
+    let order = |us: u64, seq: u64| format!("{us:018}{seq:020}");
+    assert_eq!(run_script(&redis, "2", 1_000, &order(1_000_900, 5)), ("2".into(), "1000".into()));
+    // A late push of an older event in the same millisecond (a pipeline on a dropped connection, say).
+    assert_eq!(run_script(&redis, "1", 1_000, &order(1_000_100, 4)), ("2".into(), "1000".into()));
+    assert_eq!(run_script(&redis, "3", 999, &order(999_999, 9)), ("2".into(), "1000".into()));
+    assert_eq!(run_script(&redis, "4", 1_000, &order(1_000_900, 6)), ("4".into(), "1000".into()));
+    assert_eq!(run_script(&redis, "5", 1_001, &order(1_001_000, 1)), ("5".into(), "1001".into()));
+
+    // A value someone else wrote (no order) at the same millisecond: ours wins the tie, an older one loses.
+    redis.query::<()>(redis::cmd("DEL").arg(format!("{}:p:order", redis.prefix)));
+    redis.query::<()>(redis::cmd("HSET").arg(format!("{}:p:metrics", redis.prefix)).arg("m").arg("theirs"));
+    assert_eq!(run_script(&redis, "6", 1_000, &order(1_000_000, 1)).0, "theirs");
+    assert_eq!(run_script(&redis, "7", 1_001, &order(1_001_000, 1)).0, "7");
+}
+
+#[test]
+fn a_profile_whose_keys_redis_refuses_does_not_hold_up_the_others() {
+    let redis = TestRedis::new();
+    // Something else uses the key the mirror needs for p0 as a string.
+    redis.query::<()>(redis::cmd("SET").arg(format!("{}:p0:metrics", redis.prefix)).arg("not a hash"));
+    let agent = Agent::start(&format!("{}retry_max_ms = 300\n", redis.section(&redis.url)));
+    let mut expected = Expected::default();
+    let lines = expected.stream(4, 2, 3, 1_795_000_000_000);
+    send_all(&agent, &lines, 1);
+    let others = Expected {
+        metrics: expected.metrics.iter().filter(|((p, _), _)| p != "p0").map(|(k, v)| (k.clone(), v.clone())).collect(),
+        trades: expected.trades.iter().filter(|(p, _)| *p != "p0").map(|(k, v)| (k.clone(), v.clone())).collect(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while others.differences(&redis).iter().any(|d| !d.starts_with("profiles set")) {
+        assert!(Instant::now() < deadline, "other profiles did not converge: {:?}", others.differences(&redis));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.log().contains("a key of another type") && agent.log().contains("p0"), "{}", agent.log());
+
+    // Once the key is free, p0 follows without a reconnect.
+    redis.query::<()>(redis::cmd("DEL").arg(format!("{}:p0:metrics", redis.prefix)));
+    expected.wait_for(&redis, 20, &agent);
 }

@@ -103,6 +103,15 @@ impl Agent {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
+    /// Waits until the log holds `needle`; panics with the log after `secs`.
+    pub fn wait_for_log(&self, needle: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "the log has no {needle:?} after {secs} s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn connect(&self) -> Client {
         Client::connect(&self.socket)
     }
