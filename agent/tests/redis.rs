@@ -378,7 +378,7 @@ fn a_profile_whose_keys_redis_refuses_does_not_hold_up_the_others() {
     let lines = expected.stream(4, 2, 3, 1_795_000_000_000);
     send_all(&agent, &lines, 1);
     let others = Expected {
-        metrics: expected.metrics.iter().filter(|((p, _), _)| p != "p0").map(|(k, v)| (k.clone(), v.clone())).collect(),
+        metrics: expected.metrics.iter().filter(|((p, _), _)| p != "p0").map(|(k, v)| (k.clone(), *v)).collect(),
         trades: expected.trades.iter().filter(|(p, _)| *p != "p0").map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
