@@ -15,8 +15,10 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{mask_url, Config, DurabilityMode};
 use crate::event::now_us;
 use crate::forward::{self, ForwardSettings, Forwarder};
+use crate::http;
 use crate::ingest::{self, IngestContext, Listener};
-use crate::mirror::Mirror;
+use crate::metrics::METRICS;
+use crate::mirror::{self, Mirror};
 use telemetry_wal::{Durability, Wal, WalOptions};
 
 #[derive(Parser)]
@@ -164,25 +166,47 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         idle_timeout: (ingest.idle_timeout_secs > 0).then(|| Duration::from_secs(ingest.idle_timeout_secs)),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let forwarder = match &config.mysql {
-        Some(mysql) => {
-            let pool = forward::pool(mysql)?;
+    let http = match config.http.enabled {
+        true => Some(http::bind(&config.http.listen).await?),
+        false => None,
+    };
+    let http_addr = http.as_ref().and_then(http::local_addr);
+    let pool = config.mysql.as_ref().map(forward::pool).transpose()?;
+    let forwarder = match (&config.mysql, &pool) {
+        (Some(mysql), Some(pool)) => {
+            METRICS.sink_enabled(forward::SINK);
             let settings = ForwardSettings::from(mysql);
-            let forwarder =
-                Forwarder::new(wal.clone(), pool, agent_id.clone(), settings, mysql.parallel_batches, stop_rx.clone());
+            let forwarder = Forwarder::new(
+                wal.clone(),
+                pool.clone(),
+                agent_id.clone(),
+                settings,
+                mysql.parallel_batches,
+                stop_rx.clone(),
+            );
             Some(tokio::spawn(forwarder.run()))
         }
-        None => None,
+        _ => None,
     };
     let mirror = match &config.redis {
         Some(redis) => {
-            let mirror = Mirror::new(wal.clone(), agent_id.clone(), redis, stop_rx)?;
+            METRICS.sink_enabled(mirror::SINK);
+            let mirror = Mirror::new(wal.clone(), agent_id.clone(), redis, stop_rx.clone())?;
             Some(tokio::spawn(mirror.run()))
         }
         None => None,
     };
+    if let Some(listener) = http {
+        tokio::spawn(http::serve(listener, wal.clone(), stop_rx.clone()));
+    }
+    let sinks: Vec<&'static str> =
+        [config.mysql.as_ref().map(|_| forward::SINK), config.redis.as_ref().map(|_| mirror::SINK)]
+            .into_iter()
+            .flatten()
+            .collect();
     tracing::info!(
         agent_id,
+        http = http_addr.map(|a| a.to_string()),
         socket = %ingest.socket.display(),
         wal = %config.wal.dir.display(),
         sinks = ?config.enabled_sinks(),
@@ -191,7 +215,7 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
     let stop = async {
         tokio::select! {
             () = shutdown_signal() => {}
-            () = maintain_wal(wal) => {}
+            () = housekeeping(wal, &sinks, pool.as_ref()) => {}
         }
     };
     Listener::new(listener, context, ingest.max_connections).serve(stop).await;
@@ -215,24 +239,69 @@ async fn shutdown_signal() {
     }
 }
 
-/// Every second, drops what every sink has passed (cheap when there is nothing to drop). Resolves when the
-/// WAL stopped after a write failure: the agent then exits non-zero so that its supervisor restarts it and
-/// sled's recovery establishes what is durable.
-async fn maintain_wal(wal: &Wal) {
+/// Every second: drops what every sink has passed (cheap when there is nothing to drop) and refreshes the
+/// gauges. Resolves when the WAL stopped after a write failure: the agent then exits non-zero so that its
+/// supervisor restarts it and sled's recovery establishes what is durable.
+async fn housekeeping(wal: &Wal, sinks: &[&'static str], pool: Option<&mysql_async::Pool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut received: std::collections::VecDeque<(std::time::Instant, u64)> = std::collections::VecDeque::new();
     loop {
         tick.tick().await;
         if let Some(failure) = wal.failure() {
             tracing::error!(failure, "the WAL failed; stopping so that a restart can recover it");
             return;
         }
-        let wal = wal.clone();
-        match tokio::task::spawn_blocking(move || wal.truncate()).await {
+        let task = {
+            let (wal, sinks) = (wal.clone(), sinks.to_vec());
+            tokio::task::spawn_blocking(move || {
+                let truncated = wal.truncate();
+                refresh_gauges(&wal, &sinks);
+                truncated
+            })
+        };
+        match task.await {
             Ok(Ok(0)) => {}
             Ok(Ok(records)) => tracing::debug!(records, "truncated WAL"),
             Ok(Err(e)) => tracing::error!(error = %e, "WAL truncation failed"),
-            Err(e) => tracing::error!(error = %e, "WAL truncation task failed"),
+            Err(e) => tracing::error!(error = %e, "WAL housekeeping task failed"),
         }
+        if let Some(pool) = pool {
+            let pool = pool.metrics();
+            METRICS.mysql_connections.set(pool.connection_count.load(std::sync::atomic::Ordering::Relaxed) as i64);
+            METRICS
+                .mysql_connections_in_use
+                .set(pool.connections_in_use.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        }
+        METRICS.tick_outages(Duration::from_secs(1));
+        let now = (std::time::Instant::now(), METRICS.events_received_total());
+        received.push_back(now);
+        while received.len() > 11 {
+            received.pop_front();
+        }
+        if let Some(&(then, count)) = received.front() {
+            let secs = now.0.duration_since(then).as_secs_f64();
+            if secs > 0.0 {
+                METRICS.events_per_second.set((now.1 - count) as f64 / secs);
+            }
+        }
+    }
+}
+
+/// WAL size and each sink's lag, for `/metrics` and `status`.
+fn refresh_gauges(wal: &Wal, sinks: &[&'static str]) {
+    let Ok(stats) = wal.stats() else { return };
+    METRICS.wal_disk_bytes.set(stats.disk_bytes as i64);
+    METRICS.wal_max_bytes.set(stats.max_bytes as i64);
+    METRICS.wal_live_bytes.set(stats.live_bytes as i64);
+    METRICS.wal_records.set(stats.first_seq.map_or(0, |first| stats.last_seq + 1 - first) as i64);
+    METRICS.dead_letters.set(stats.dead_letters as i64);
+    for &sink in sinks {
+        let cursor = wal.cursor(sink).unwrap_or(0);
+        let labels = crate::metrics::Sink { sink };
+        METRICS.sink_lag_records.get_or_create(&labels).set(stats.last_seq.saturating_sub(cursor) as i64);
+        let oldest = wal.read_after(cursor, 1).ok().and_then(|records| records.first().map(|r| r.appended_at_ms));
+        let age_ms = oldest.map_or(0, |at| crate::metrics::now_ms().saturating_sub(at));
+        METRICS.sink_lag_seconds.get_or_create(&labels).set(age_ms as f64 / 1000.0);
     }
 }
 

@@ -11,6 +11,8 @@ pub struct Config {
     pub agent: AgentConfig,
     pub ingest: IngestConfig,
     pub wal: WalConfig,
+    pub http: HttpConfig,
+    pub control: ControlConfig,
     /// Absent: the MySQL forwarder is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mysql: Option<MysqlConfig>,
@@ -67,6 +69,37 @@ pub struct WalConfig {
     pub max_bytes: u64,
     /// sled's cache.
     pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve `/metrics`, `/healthz` and `/readyz`.
+    pub enabled: bool,
+    /// `host:port`; keep it on 127.0.0.1 unless a firewall guards it.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { enabled: true, listen: "127.0.0.1:9464".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// The socket `status` and `wal ...` use to reach the running agent.
+    pub socket: PathBuf,
+    /// A group whose members may use it too (mode 0660); without one, only the agent's user (0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig { socket: PathBuf::from("./data/control.sock"), group: None }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,6 +265,12 @@ impl Config {
                 "[ingest] max_inflight_bytes must be at least {MAX_LINE_BYTES_LIMIT}, not {}",
                 ingest.max_inflight_bytes
             );
+        }
+        if self.http.enabled && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("[http] listen must be an address like \"127.0.0.1:9464\", not {:?}", self.http.listen);
+        }
+        if self.control.socket == self.ingest.socket {
+            bail!("[control] socket and [ingest] socket must differ");
         }
         if self.wal.max_bytes < 16 << 20 {
             bail!("[wal] max_bytes must be at least 16 MiB (16777216), not {}", self.wal.max_bytes);

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::{mask_url, read_secret_file, MysqlConfig};
 use crate::event::{effective_event_id, Event, Side};
+use crate::metrics::METRICS;
 use crate::migrate::{self, SchemaState};
 
 pub const SINK: &str = "mysql";
@@ -444,6 +445,7 @@ impl Shared {
             match self.write(first, &rows[lo..hi]).await {
                 Ok(written) => {
                     self.end_outage();
+                    METRICS.sink_wrote(SINK, hi - lo, started.elapsed());
                     offset_written = offset_written.max(written.offset);
                     tracing::debug!(
                         rows = hi - lo,
@@ -526,6 +528,7 @@ impl Shared {
     }
 
     fn note_failure(&self, error: &str) {
+        METRICS.sink_failed(SINK, error);
         let mut outage = self.lock_outage();
         match &mut *outage {
             Some(outage) => {
@@ -544,6 +547,7 @@ impl Shared {
     }
 
     fn end_outage(&self) {
+        METRICS.sink_ok(SINK);
         if let Some(outage) = self.lock_outage().take() {
             tracing::info!(
                 outage_secs = format!("{:.1}", outage.since.elapsed().as_secs_f64()),

@@ -21,7 +21,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
 
-use crate::event::{effective_event_id, now_us, parse_line, Rejection};
+use crate::event::{effective_event_id, now_us, parse_line, Event, Rejection};
+use crate::metrics::{Kind, METRICS};
 
 /// What every handler needs, shared.
 pub struct IngestContext {
@@ -177,6 +178,7 @@ enum Reply {
 
 impl Handler {
     async fn run(mut self, stream: UnixStream) {
+        let _connected = ConnectionCount::new();
         let (read, write) = stream.into_split();
         let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), self.context.max_line_bytes);
         let mut lines = FramedRead::new(read, LineCodec(codec));
@@ -255,6 +257,11 @@ impl Handler {
                 return Reply::Ready(error_line(code, &error));
             }
         };
+        let kind = match event {
+            Event::Metric(_) => "metric",
+            Event::Trade(_) => "trade",
+        };
+        METRICS.events_received.get_or_create(&Kind { kind }).inc();
         let payload = event.encode();
         let admitted = async {
             // Lines are at most 96 KiB, so a permit count always fits.
@@ -288,6 +295,7 @@ async fn write_replies(write: OwnedWriteHalf, mut replies: mpsc::Receiver<Reply>
             Reply::Ready(line) => line,
             Reply::Durable { pending, event_id, profile_id, _inflight } => match pending.durable().await {
                 Ok(seq) => {
+                    METRICS.acks.inc();
                     let event_id = effective_event_id(event_id.as_deref(), &context.agent_id, seq);
                     json_line(&Ack { ok: true, seq, event_id: &event_id })
                 }
@@ -331,7 +339,9 @@ struct Failure<'a> {
     error: &'a str,
 }
 
-fn error_line(code: &str, error: &str) -> Vec<u8> {
+/// Every error answer goes through here, so the count by code is complete.
+fn error_line(code: &'static str, error: &str) -> Vec<u8> {
+    METRICS.error(code);
     json_line(&Failure { ok: false, code, error })
 }
 
@@ -340,4 +350,20 @@ fn json_line(value: &impl Serialize) -> Vec<u8> {
     let mut line = serde_json::to_vec(value).unwrap_or_default();
     line.push(b'\n');
     line
+}
+
+/// Counts a connection in `clients_connected` for as long as it lives.
+struct ConnectionCount;
+
+impl ConnectionCount {
+    fn new() -> ConnectionCount {
+        METRICS.clients_connected.inc();
+        ConnectionCount
+    }
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        METRICS.clients_connected.dec();
+    }
 }

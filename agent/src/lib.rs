@@ -5,6 +5,8 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod forward;
+pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod migrate;
 pub mod mirror;

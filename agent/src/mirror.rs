@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::{mask_url, read_secret_file, RedisConfig};
 use crate::event::{effective_event_id, rfc3339_us, Event, Trade};
+use crate::metrics::METRICS;
 
 pub const SINK: &str = "redis";
 const TABLE: &str = "redis_latest";
@@ -370,7 +371,10 @@ impl Mirror {
                 Ok(Ok(Some(Folded { last_seq, changed }))) => {
                     after = last_seq;
                     if !changed.is_empty() {
-                        self.lock_dirty().mark(changed);
+                        let mut dirty = self.lock_dirty();
+                        dirty.mark(changed);
+                        METRICS.redis_pending_keys.set((dirty.keys.len() + dirty.parked.len()) as i64);
+                        drop(dirty);
                         self.changed.notify_one();
                     }
                     continue;
@@ -434,6 +438,7 @@ impl Mirror {
                 // Only a write that went through ends an outage: a connection that cannot write is no better.
                 Ok(Step::Connected) => continue,
                 Ok(Step::Pushed | Step::Idle) => {
+                    METRICS.sink_ok(SINK);
                     if let Some((since, _)) = outage.take() {
                         tracing::warn!(
                             outage_secs = since.elapsed().as_secs_f64(),
@@ -453,6 +458,7 @@ impl Mirror {
                     e
                 }
             };
+            METRICS.sink_failed(SINK, &error);
             match &outage {
                 None => {
                     tracing::warn!(error, url = %mask_url(&self.config.url), "Redis mirror waiting; retrying (the newest values are kept meanwhile)");
@@ -514,8 +520,14 @@ impl Mirror {
             return Ok(());
         }
         let mut outcomes: HashMap<Vec<u8>, Outcome> = HashMap::new();
+        let started = Instant::now();
         let result = self.push_entries(conn, &taken, &mut outcomes).await;
-        self.lock_dirty().finish(taken, |key| outcomes.get(key).copied().unwrap_or(Outcome::Retry));
+        if result.is_ok() {
+            METRICS.sink_wrote(SINK, outcomes.len(), started.elapsed());
+        }
+        let mut dirty = self.lock_dirty();
+        dirty.finish(taken, |key| outcomes.get(key).copied().unwrap_or(Outcome::Retry));
+        METRICS.redis_pending_keys.set((dirty.keys.len() + dirty.parked.len()) as i64);
         result
     }
 

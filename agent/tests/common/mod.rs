@@ -26,9 +26,11 @@ impl Agent {
         let wal_dir = dir.path().join("wal");
         let config_path = dir.path().join("agent.toml");
         let config = format!(
-            "[agent]\nid = \"test-agent\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n{extra}",
+            "[agent]\nid = \"test-agent\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n{extra}",
             socket.display().to_string(),
-            wal_dir.display().to_string()
+            wal_dir.display().to_string(),
+            dir.path().join("control.sock").display().to_string(),
         );
         let config = merge_sections(&config);
         std::fs::write(&config_path, config).unwrap();

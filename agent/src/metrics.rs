@@ -1,0 +1,267 @@
+//! The agent's own metrics: one registry, rendered as Prometheus text at `/metrics` and read back by
+//! `telemetry-agent status`, so both always agree.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Code {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Sink {
+    pub sink: &'static str,
+}
+
+type HistogramFamily = Family<Sink, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub started: Instant,
+    pub started_at_ms: u64,
+    pub events_received: Family<Kind, Counter>,
+    pub acks: Counter,
+    pub errors: Family<Code, Counter>,
+    pub clients_connected: Gauge,
+    pub wal_disk_bytes: Gauge,
+    pub wal_max_bytes: Gauge,
+    pub wal_live_bytes: Gauge,
+    pub wal_records: Gauge,
+    pub dead_letters: Gauge,
+    pub sink_up: Family<Sink, Gauge>,
+    pub sink_lag_records: Family<Sink, Gauge>,
+    pub sink_lag_seconds: Family<Sink, Gauge<f64, AtomicU64>>,
+    pub sink_batch_rows: HistogramFamily,
+    pub sink_commit_seconds: HistogramFamily,
+    pub sink_retries: Family<Sink, Counter>,
+    pub sink_outage_seconds: Family<Sink, Counter<f64, AtomicU64>>,
+    pub mysql_connections: Gauge,
+    pub mysql_connections_in_use: Gauge,
+    pub redis_pending_keys: Gauge,
+    /// Over the last 10 s; for `status` (Prometheus computes its own rates).
+    pub events_per_second: Gauge<f64, AtomicU64>,
+    /// Per sink: waiting since when, and the last error; for `status`.
+    health: Mutex<BTreeMap<&'static str, SinkHealth>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SinkHealth {
+    waiting_since: Option<(Instant, u64)>,
+    last_error: Option<(String, u64)>,
+}
+
+/// One sink as `status` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SinkStatus {
+    pub sink: String,
+    /// `ok` or `waiting` (retrying after an error).
+    pub state: String,
+    /// Epoch ms since when it has been waiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_since_ms: Option<u64>,
+    pub lag_records: i64,
+    pub lag_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_at_ms: Option<u64>,
+}
+
+fn histogram_rows() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 4.0, 9))
+}
+
+fn histogram_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let metrics = Metrics {
+            registry: Registry::default(),
+            started: Instant::now(),
+            started_at_ms: now_ms(),
+            events_received: Family::default(),
+            acks: Counter::default(),
+            errors: Family::default(),
+            clients_connected: Gauge::default(),
+            wal_disk_bytes: Gauge::default(),
+            wal_max_bytes: Gauge::default(),
+            wal_live_bytes: Gauge::default(),
+            wal_records: Gauge::default(),
+            dead_letters: Gauge::default(),
+            sink_up: Family::default(),
+            sink_lag_records: Family::default(),
+            sink_lag_seconds: Family::default(),
+            sink_batch_rows: Family::new_with_constructor(histogram_rows),
+            sink_commit_seconds: Family::new_with_constructor(histogram_seconds),
+            sink_retries: Family::default(),
+            sink_outage_seconds: Family::default(),
+            mysql_connections: Gauge::default(),
+            mysql_connections_in_use: Gauge::default(),
+            redis_pending_keys: Gauge::default(),
+            events_per_second: Gauge::default(),
+            health: Mutex::new(BTreeMap::new()),
+        };
+        metrics.register()
+    }
+
+    fn register(mut self) -> Metrics {
+        let r = &mut self.registry;
+        let p = "telemetry";
+        r.register(
+            format!("{p}_events_received"),
+            "Events read from the socket that parsed, by kind",
+            self.events_received.clone(),
+        );
+        r.register(format!("{p}_acks"), "Events acknowledged (durable in the WAL)", self.acks.clone());
+        r.register(format!("{p}_errors"), "Error answers to clients, by protocol code", self.errors.clone());
+        r.register(format!("{p}_clients_connected"), "Open client connections", self.clients_connected.clone());
+        r.register(format!("{p}_wal_disk_bytes"), "Disk the WAL directory uses", self.wal_disk_bytes.clone());
+        r.register(format!("{p}_wal_max_bytes"), "The WAL's cap ([wal] max_bytes)", self.wal_max_bytes.clone());
+        r.register(format!("{p}_wal_live_bytes"), "Bytes of records the WAL holds", self.wal_live_bytes.clone());
+        r.register(format!("{p}_wal_records"), "Records the WAL holds", self.wal_records.clone());
+        r.register(format!("{p}_dead_letters"), "Records kept as dead letters", self.dead_letters.clone());
+        r.register(
+            format!("{p}_sink_up"),
+            "1 while the sink writes, 0 while it waits after an error",
+            self.sink_up.clone(),
+        );
+        r.register(
+            format!("{p}_sink_lag_records"),
+            "Records in the WAL the sink has not taken yet",
+            self.sink_lag_records.clone(),
+        );
+        r.register(
+            format!("{p}_sink_lag_seconds"),
+            "Age of the oldest record the sink has not taken yet",
+            self.sink_lag_seconds.clone(),
+        );
+        r.register(format!("{p}_sink_batch_rows"), "Records per batch written", self.sink_batch_rows.clone());
+        r.register(
+            format!("{p}_sink_commit_seconds"),
+            "Time to write one batch (MySQL: the transaction; Redis: the pipeline)",
+            self.sink_commit_seconds.clone(),
+        );
+        r.register(format!("{p}_sink_retries"), "Failed attempts, retried", self.sink_retries.clone());
+        r.register(
+            format!("{p}_sink_outage_seconds"),
+            "Time spent waiting for the sink after errors",
+            self.sink_outage_seconds.clone(),
+        );
+        r.register(
+            format!("{p}_mysql_connections"),
+            "Connections to MySQL the pool holds",
+            self.mysql_connections.clone(),
+        );
+        r.register(
+            format!("{p}_mysql_connections_in_use"),
+            "Connections to MySQL in use",
+            self.mysql_connections_in_use.clone(),
+        );
+        r.register(
+            format!("{p}_redis_pending_keys"),
+            "Latest values not yet pushed to Redis",
+            self.redis_pending_keys.clone(),
+        );
+        self
+    }
+
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot render metrics");
+        }
+        out
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, SinkHealth>> {
+        self.health.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The sink is configured (it shows in `status` and `/metrics` before its first write).
+    pub fn sink_enabled(&self, sink: &'static str) {
+        self.lock_health().entry(sink).or_default();
+        self.sink_up.get_or_create(&Sink { sink }).set(1);
+    }
+
+    /// A write failed and will be retried.
+    pub fn sink_failed(&self, sink: &'static str, error: &str) {
+        self.sink_retries.get_or_create(&Sink { sink }).inc();
+        self.sink_up.get_or_create(&Sink { sink }).set(0);
+        let mut health = self.lock_health();
+        let entry = health.entry(sink).or_default();
+        entry.waiting_since.get_or_insert((Instant::now(), now_ms()));
+        entry.last_error = Some((error.to_string(), now_ms()));
+    }
+
+    /// A write went through.
+    pub fn sink_ok(&self, sink: &'static str) {
+        self.sink_up.get_or_create(&Sink { sink }).set(1);
+        self.lock_health().entry(sink).or_default().waiting_since = None;
+    }
+
+    /// A batch was written: its size and how long it took.
+    pub fn sink_wrote(&self, sink: &'static str, rows: usize, took: Duration) {
+        self.sink_batch_rows.get_or_create(&Sink { sink }).observe(rows as f64);
+        self.sink_commit_seconds.get_or_create(&Sink { sink }).observe(took.as_secs_f64());
+    }
+
+    pub fn error(&self, code: &'static str) {
+        self.errors.get_or_create(&Code { code }).inc();
+    }
+
+    /// Adds `elapsed` to the outage time of every sink that is waiting.
+    pub fn tick_outages(&self, elapsed: Duration) {
+        for (sink, health) in self.lock_health().iter() {
+            if health.waiting_since.is_some() {
+                self.sink_outage_seconds.get_or_create(&Sink { sink }).inc_by(elapsed.as_secs_f64());
+            }
+        }
+    }
+
+    pub fn sinks(&self) -> Vec<SinkStatus> {
+        self.lock_health()
+            .iter()
+            .map(|(sink, health)| {
+                let labels = Sink { sink };
+                SinkStatus {
+                    sink: sink.to_string(),
+                    state: if health.waiting_since.is_some() { "waiting" } else { "ok" }.to_string(),
+                    waiting_since_ms: health.waiting_since.map(|(_, ms)| ms),
+                    lag_records: self.sink_lag_records.get_or_create(&labels).get(),
+                    lag_seconds: self.sink_lag_seconds.get_or_create(&labels).get(),
+                    last_error: health.last_error.as_ref().map(|(e, _)| e.clone()),
+                    last_error_at_ms: health.last_error.as_ref().map(|(_, at)| *at),
+                }
+            })
+            .collect()
+    }
+
+    pub fn events_received_total(&self) -> u64 {
+        ["metric", "trade"].iter().map(|kind| self.events_received.get_or_create(&Kind { kind }).get()).sum()
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
