@@ -12,7 +12,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tracing_subscriber::EnvFilter;
 
+use crate::admin::{self, DeadLetterAction, DumpFilter, Output, Request};
 use crate::config::{mask_url, Config, DurabilityMode};
+use crate::control;
 use crate::event::now_us;
 use crate::forward::{self, ForwardSettings, Forwarder};
 use crate::http;
@@ -54,6 +56,69 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// One screen: up since, clients, events/s, each sink's state and lag, WAL use, last error.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and repair the WAL (through the running agent, or directly when it does not run).
+    Wal {
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: WalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalCommand {
+    /// Records and bytes, oldest and newest seq and time, each sink's cursor and lag, dead letters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events as NDJSON in the protocol's shape (with their event ids): pipe them into `send` again.
+    Dump {
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+        #[arg(long)]
+        profile: Option<String>,
+        /// trade or metric
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Forward a range again, idempotently (after restoring MySQL from an older backup, say), or forward a
+    /// WAL directory copied from another (dead) host, under that host's agent id.
+    Replay {
+        #[arg(long, default_value = "mysql")]
+        sink: String,
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+        /// A WAL directory from another host; its records reach MySQL exactly once under its agent id.
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        wal_dir: Option<PathBuf>,
+    },
+    /// Records a sink could not deliver: list them, retry them (after a fix) or drop them with a reason.
+    DeadLetters {
+        action: DeadLetterAction,
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only these (repeatable); default: all (of --sink).
+        #[arg(long = "seq")]
+        seqs: Vec<u64>,
+        /// Why they are dropped (logged); required for drop.
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -62,6 +127,20 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Send { socket, config } => send(socket, config.as_deref()),
         Command::Migrate { config } => migrate(config.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
+        Command::Status { config, json } => operate(config.as_deref(), Request::Status, json),
+        Command::Wal { config, command } => match command {
+            WalCommand::Stats { json } => operate(config.as_deref(), Request::WalStats, json),
+            WalCommand::Dump { from, to, profile, kind } => {
+                operate(config.as_deref(), Request::Dump(DumpFilter { from, to, profile, kind }), false)
+            }
+            WalCommand::Replay { wal_dir: Some(dir), sink, .. } => replay_wal_dir(config.as_deref(), &dir, &sink),
+            WalCommand::Replay { sink, from, to, wal_dir: None } => {
+                operate(config.as_deref(), Request::Replay { sink, from, to }, false)
+            }
+            WalCommand::DeadLetters { action, sink, seqs, reason, json } => {
+                operate(config.as_deref(), Request::DeadLetters { action, sink, seqs, reason }, json)
+            }
+        },
     };
     match result {
         Ok(code) => code,
@@ -199,6 +278,17 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
     if let Some(listener) = http {
         tokio::spawn(http::serve(listener, wal.clone(), stop_rx.clone()));
     }
+    let control_mode = if config.control.group.is_some() { 0o660 } else { 0o600 };
+    let control = ingest::bind(&config.control.socket, control_mode, config.control.group.as_deref())
+        .context("[control] socket")?;
+    let admin_context = admin::Context {
+        wal: wal.clone(),
+        agent_id: agent_id.clone(),
+        sinks: config.enabled_sinks(),
+        mysql: pool.clone(),
+        running: true,
+    };
+    tokio::spawn(control::serve(control, admin_context, stop_rx.clone()));
     let sinks: Vec<&'static str> =
         [config.mysql.as_ref().map(|_| forward::SINK), config.redis.as_ref().map(|_| mirror::SINK)]
             .into_iter()
@@ -224,6 +314,7 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         let _ = sink.await;
     }
     let _ = std::fs::remove_file(&ingest.socket);
+    let _ = std::fs::remove_file(&config.control.socket);
     Ok(())
 }
 
@@ -303,6 +394,249 @@ fn refresh_gauges(wal: &Wal, sinks: &[&'static str]) {
         let age_ms = oldest.map_or(0, |at| crate::metrics::now_ms().saturating_sub(at));
         METRICS.sink_lag_seconds.get_or_create(&labels).set(age_ms as f64 / 1000.0);
     }
+}
+
+/// Runs an operator command through the running agent's control socket, or on the WAL directly when no
+/// agent answers, and prints its answer.
+fn operate(config_path: Option<&Path>, request: Request, json: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
+    runtime.block_on(async {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        match UnixStream::connect(&config.control.socket).await {
+            Ok(stream) => {
+                let request = serde_json::to_string(&request).context("cannot encode the request")?;
+                tokio::spawn(relay(stream, request, tx));
+            }
+            Err(connect_error) => {
+                let context = direct_context(&config, &connect_error)?;
+                tokio::spawn(admin::execute(request, context, tx));
+            }
+        }
+        render(rx, json).await
+    })
+}
+
+/// The agent's answer, line by line, as outputs.
+async fn relay(stream: UnixStream, request: String, tx: tokio::sync::mpsc::Sender<Output>) {
+    let (read, mut write) = stream.into_split();
+    if let Err(e) = write.write_all(format!("{request}\n").as_bytes()).await {
+        let _ = tx.send(Output::Error { error: format!("cannot send the request to the agent: {e}") }).await;
+        return;
+    }
+    let mut lines = BufReader::new(read).lines();
+    loop {
+        let output = match lines.next_line().await {
+            Ok(Some(line)) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| Output::Error { error: format!("unreadable answer from the agent: {e}") }),
+            Ok(None) => return,
+            Err(e) => Output::Error { error: format!("the agent's answer broke off: {e}") },
+        };
+        if tx.send(output).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// No agent answers: open the WAL ourselves (which fails if an agent holds it after all).
+fn direct_context(config: &Config, connect_error: &std::io::Error) -> anyhow::Result<admin::Context> {
+    let dir = &config.wal.dir;
+    if !dir.join("sled").exists() {
+        bail!(
+            "no agent answers at {} ({connect_error}) and there is no WAL at {}; is --config right?",
+            config.control.socket.display(),
+            dir.display()
+        );
+    }
+    let options =
+        WalOptions { max_bytes: config.wal.max_bytes, cache_bytes: config.wal.cache_bytes, ..WalOptions::default() };
+    let wal = match Wal::open(dir, options) {
+        Ok(wal) => wal,
+        Err(telemetry_wal::WalError::Locked { holder, .. }) => bail!(
+            "the agent (pid {holder}) holds the WAL in {} but does not answer on its control socket {}: {connect_error}",
+            dir.display(),
+            config.control.socket.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let agent_id = match wal.label("agent_id")? {
+        Some(id) => id,
+        None => config.agent_id()?,
+    };
+    let mysql = config.mysql.as_ref().map(forward::pool).transpose()?;
+    Ok(admin::Context { wal, agent_id, sinks: config.enabled_sinks(), mysql, running: false })
+}
+
+async fn render(mut rx: tokio::sync::mpsc::Receiver<Output>, json: bool) -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut code = ExitCode::SUCCESS;
+    while let Some(output) = rx.recv().await {
+        match output {
+            Output::Status(status) if json => writeln!(stdout, "{}", serde_json::to_string_pretty(&status)?)?,
+            Output::Status(status) => write!(stdout, "{}", format_status(&status))?,
+            Output::WalStats(report) if json => writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?,
+            Output::WalStats(report) => write!(stdout, "{}", format_wal(&report))?,
+            Output::Event { line } => writeln!(stdout, "{line}")?,
+            Output::DeadLetter(letter) if json => writeln!(stdout, "{}", serde_json::to_string(&letter)?)?,
+            Output::DeadLetter(letter) => writeln!(
+                stdout,
+                "{} seq {} at {}: {}\n    {}",
+                letter.sink,
+                letter.seq,
+                crate::event::rfc3339_us(letter.at_ms as i64 * 1000),
+                letter.error,
+                letter.event
+            )?,
+            Output::Progress { done, total, what } => {
+                let bar = bar.get_or_insert_with(|| {
+                    let bar = indicatif::ProgressBar::new(total);
+                    if let Ok(style) =
+                        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} ({per_sec}, eta {eta})")
+                    {
+                        bar.set_style(style);
+                    }
+                    bar.set_message(what);
+                    bar
+                });
+                bar.set_position(done);
+            }
+            Output::Done { summary } => {
+                if let Some(bar) = bar.take() {
+                    bar.finish_and_clear();
+                }
+                eprintln!("{summary}");
+            }
+            Output::Error { error } => {
+                if let Some(bar) = bar.take() {
+                    bar.abandon();
+                }
+                eprintln!("telemetry-agent: {error}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    stdout.flush()?;
+    Ok(code)
+}
+
+fn format_time_ms(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "-".to_string(), |ms| crate::event::rfc3339_us(ms as i64 * 1000))
+}
+
+fn format_bytes(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn format_wal(report: &admin::WalReport) -> String {
+    let mut out = format!(
+        "WAL {}\n  records       {} (seq {} .. {})\n  written       {} .. {}\n  disk          {} of {} ({:.0}%), records {}\n  dead letters  {}\n",
+        report.dir,
+        report.records,
+        report.first_seq.map_or_else(|| "-".into(), |s| s.to_string()),
+        report.last_seq,
+        format_time_ms(report.oldest_ms),
+        format_time_ms(report.newest_ms),
+        format_bytes(report.disk_bytes),
+        format_bytes(report.max_bytes),
+        report.disk_bytes as f64 * 100.0 / report.max_bytes.max(1) as f64,
+        format_bytes(report.live_bytes),
+        report.dead_letters,
+    );
+    for sink in &report.sinks {
+        out += &format!(
+            "  sink {:<8} cursor {}, lag {} records, {:.1} s\n",
+            sink.sink, sink.cursor, sink.lag_records, sink.lag_seconds
+        );
+    }
+    out
+}
+
+fn format_status(status: &admin::Status) -> String {
+    let mut out = format!("telemetry-agent {} (agent id {})\n", status.version, status.agent_id);
+    if !status.running {
+        out += "  NOT RUNNING: no agent answers on the control socket; the WAL as found on disk:\n";
+    } else {
+        let up = status.started_at_ms.map_or(0, |at| crate::metrics::now_ms().saturating_sub(at) / 1000);
+        out += &format!(
+            "  up since      {} ({}h{:02}m)\n  clients       {}\n  events in     {:.0}/s ({} since start)\n",
+            format_time_ms(status.started_at_ms),
+            up / 3600,
+            up % 3600 / 60,
+            status.clients_connected.unwrap_or(0),
+            status.events_per_second.unwrap_or(0.0),
+            status.events_received.unwrap_or(0)
+        );
+        out += &format!(
+            "  accepting     {}\n",
+            status.not_ready.as_deref().map_or("yes".to_string(), |why| format!("NO: {why}"))
+        );
+        if !status.errors.is_empty() {
+            let errors: Vec<String> = status.errors.iter().map(|(code, n)| format!("{code} {n}")).collect();
+            out += &format!("  errors        {}\n", errors.join(", "));
+        }
+    }
+    for sink in &status.sinks {
+        let state = match sink.waiting_since_ms {
+            Some(since) => format!("RETRYING since {}", format_time_ms(Some(since))),
+            None => "ok".to_string(),
+        };
+        out += &format!("  {:<13} {state}, lag {} records / {:.1} s\n", sink.sink, sink.lag_records, sink.lag_seconds);
+        if let (Some(error), Some(at)) = (&sink.last_error, sink.last_error_at_ms) {
+            out += &format!("                last error at {}: {error}\n", format_time_ms(Some(at)));
+        }
+    }
+    out + &format_wal(&status.wal)
+}
+
+/// Forwards a WAL copied from another host to MySQL under that host's agent id, until it is caught up.
+fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    if sink != forward::SINK {
+        bail!("--wal-dir replays to mysql only");
+    }
+    let Some(mysql) = &config.mysql else { bail!("the config has no [mysql] section") };
+    if !dir.join("sled").exists() {
+        bail!("{} holds no WAL", dir.display());
+    }
+    let wal = Wal::open(dir, WalOptions { max_bytes: u64::MAX, ..WalOptions::default() })?;
+    let Some(agent_id) = wal.label("agent_id")? else { bail!("the WAL in {} has no agent id", dir.display()) };
+    let last = wal.stats()?.last_seq;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    let result = runtime.block_on(async {
+        let pool = forward::pool(mysql)?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let forwarder =
+            Forwarder::new(wal.clone(), pool, agent_id.clone(), ForwardSettings::from(mysql), mysql.parallel_batches, stop_rx);
+        let totals = forwarder.totals();
+        let task = tokio::spawn(forwarder.run());
+        let start = wal.cursor(forward::SINK)?;
+        let bar = indicatif::ProgressBar::new(last.saturating_sub(start));
+        eprintln!("replaying {} (agent id {agent_id}) to MySQL up to seq {last}", dir.display());
+        loop {
+            let cursor = wal.cursor(forward::SINK)?;
+            bar.set_position(cursor.saturating_sub(start));
+            if cursor >= last {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bar.finish_and_clear();
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+        let (inserted, present) = (
+            totals.inserted.load(std::sync::atomic::Ordering::Relaxed),
+            totals.already_present.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        println!("agent {agent_id}: {inserted} rows inserted, {present} already present; MySQL has everything up to seq {last}");
+        anyhow::Ok(())
+    });
+    wal.close()?;
+    result.map(|()| ExitCode::SUCCESS)
 }
 
 fn send(socket: Option<PathBuf>, config_path: Option<&Path>) -> anyhow::Result<ExitCode> {

@@ -398,6 +398,40 @@ impl Event {
     }
 }
 
+/// The protocol's shape of a metric.
+#[derive(Serialize)]
+struct MetricLine<'a> {
+    kind: &'static str,
+    profile_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    name: &'a str,
+    value: f64,
+    ts: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<&'a RawValue>,
+}
+
+impl Event {
+    /// One JSON object in the protocol's shape, with `event_id` if given: what a script would send.
+    pub fn to_json(&self, event_id: Option<&str>) -> String {
+        match self {
+            Event::Trade(trade) => trade.to_json(event_id),
+            Event::Metric(m) => serde_json::to_string(&MetricLine {
+                kind: "metric",
+                profile_id: &m.profile_id,
+                event_id,
+                name: &m.name,
+                value: m.value,
+                ts: rfc3339_us(m.ts_us),
+                // Stored only after it parsed as a JSON object.
+                tags: m.tags.as_deref().and_then(|t| serde_json::from_str(t).ok()),
+            })
+            .unwrap_or_default(),
+        }
+    }
+}
+
 /// The protocol's shape of a trade (decimals as strings, times as RFC 3339 with microseconds), as a script
 /// would send it.
 #[derive(Serialize)]
@@ -507,6 +541,18 @@ mod tests {
         assert!(json.contains(r#""meta":{"why":["tp"]}"#) && !json.contains("pnl"), "{json}");
         let Event::Trade(back) = parse_line(json.as_bytes(), 0).unwrap() else { panic!("not a trade") };
         assert_eq!(back, Trade { event_id: Some("e-9".into()), ..trade });
+    }
+
+    #[test]
+    fn a_metric_renders_in_the_protocol_shape_and_parses_back() {
+        let line =
+            r#"{"kind":"metric","profile_id":"p","name":"equity","value":-0.125,"ts":1795860000123,"tags":{"a":1}}"#;
+        let event = parse_line(line.as_bytes(), 0).unwrap();
+        let json = event.to_json(Some("x-1"));
+        assert!(json.contains(r#""ts":"2026-11-28T10:00:00.123000Z""#), "{json}");
+        let Event::Metric(back) = parse_line(json.as_bytes(), 7).unwrap() else { panic!("not a metric") };
+        let Event::Metric(m) = event else { panic!("not a metric") };
+        assert_eq!(back, Metric { event_id: Some("x-1".into()), received_us: 7, ..m });
     }
 
     #[test]

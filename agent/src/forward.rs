@@ -124,6 +124,14 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     /// Watermarks to record on their own (one writer task, the latest value wins).
     offset_catch_up: watch::Sender<u64>,
+    totals: Arc<Totals>,
+}
+
+/// Rows written since start.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub inserted: std::sync::atomic::AtomicU64,
+    pub already_present: std::sync::atomic::AtomicU64,
 }
 
 /// Batches in dispatch order. The watermark is the last seq before which every batch committed: it alone
@@ -172,8 +180,14 @@ impl Forwarder {
             progress: Mutex::new(Progress::default()),
             shutdown: shutdown.clone(),
             offset_catch_up: watch::channel(0).0,
+            totals: Arc::default(),
         };
         Forwarder { shared: Arc::new(shared), shutdown, parallel: parallel.max(1) }
+    }
+
+    /// Rows written so far (`wal replay --wal-dir` reports them).
+    pub fn totals(&self) -> Arc<Totals> {
+        self.shared.totals.clone()
     }
 
     /// Forwards until shutdown. MySQL being down or behind on its schema is a state to wait out, not an error.
@@ -446,6 +460,10 @@ impl Shared {
                 Ok(written) => {
                     self.end_outage();
                     METRICS.sink_wrote(SINK, hi - lo, started.elapsed());
+                    self.totals.inserted.fetch_add(written.inserted, std::sync::atomic::Ordering::Relaxed);
+                    self.totals
+                        .already_present
+                        .fetch_add(written.already_present, std::sync::atomic::Ordering::Relaxed);
                     offset_written = offset_written.max(written.offset);
                     tracing::debug!(
                         rows = hi - lo,

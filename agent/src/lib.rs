@@ -1,8 +1,10 @@
 //! telemetry-agent: scripts send events over a local Unix socket; the agent makes them durable in a WAL
 //! and forwards them to MySQL and Redis. `main.rs` only parses the command line; the work is here.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod event;
 pub mod forward;
 pub mod http;

@@ -1,0 +1,415 @@
+//! Operator commands on a WAL: stats, dump, dead letters, replay, status. The running agent executes them for
+//! the control socket; without a running agent the command line executes them on the WAL it opens itself.
+//! Either way they produce the same [`Output`] stream, so the user sees the same thing.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+use telemetry_wal::{Record, Wal};
+use tokio::sync::mpsc;
+
+use crate::event::{effective_event_id, Event};
+use crate::forward;
+use crate::metrics::{now_ms, SinkStatus, METRICS};
+
+/// What an operator asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    WalStats,
+    Dump(DumpFilter),
+    DeadLetters { action: DeadLetterAction, sink: Option<String>, seqs: Vec<u64>, reason: Option<String> },
+    Replay { sink: String, from: Option<u64>, to: Option<u64> },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DumpFilter {
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub profile: Option<String>,
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterAction {
+    List,
+    Retry,
+    Drop,
+}
+
+/// One piece of an answer; a stream of these ends with `Done` or `Error`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Output {
+    Status(Status),
+    WalStats(WalReport),
+    /// A dumped event, as a protocol line.
+    Event {
+        line: String,
+    },
+    DeadLetter(DeadLetterView),
+    Progress {
+        done: u64,
+        total: u64,
+        what: String,
+    },
+    Done {
+        summary: String,
+    },
+    Error {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WalReport {
+    pub dir: String,
+    pub records: u64,
+    pub disk_bytes: u64,
+    pub live_bytes: u64,
+    pub max_bytes: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    /// When the oldest and newest stored records were written, epoch ms.
+    pub oldest_ms: Option<u64>,
+    pub newest_ms: Option<u64>,
+    pub sinks: Vec<SinkLag>,
+    pub dead_letters: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SinkLag {
+    pub sink: String,
+    pub cursor: u64,
+    pub lag_records: u64,
+    pub lag_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub agent_id: String,
+    pub version: String,
+    /// False when the command line read the WAL itself because no agent answered.
+    pub running: bool,
+    pub started_at_ms: Option<u64>,
+    pub clients_connected: Option<i64>,
+    pub events_per_second: Option<f64>,
+    pub events_received: Option<u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub sinks: Vec<SinkStatus>,
+    pub wal: WalReport,
+    /// Why events are not accepted right now, if they are not.
+    pub not_ready: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetterView {
+    pub sink: String,
+    pub seq: u64,
+    pub error: String,
+    pub at_ms: u64,
+    /// The event as a protocol line (with its effective event id), or why it cannot be shown.
+    pub event: String,
+}
+
+/// What the commands need: the WAL, this agent's id and the sinks it forwards to.
+#[derive(Clone)]
+pub struct Context {
+    pub wal: Wal,
+    pub agent_id: String,
+    pub sinks: Vec<String>,
+    pub mysql: Option<mysql_async::Pool>,
+    /// Set inside the running agent.
+    pub running: bool,
+}
+
+/// Executes `request`, sending its answer to `out`. Errors become a final `Output::Error`.
+pub async fn execute(request: Request, context: Context, out: mpsc::Sender<Output>) {
+    let result = match request {
+        Request::Status => status(&context).await.map(|s| vec![Output::Status(s)]),
+        Request::WalStats => blocking(&context, |c| wal_report(c).map(|r| vec![Output::WalStats(r)])).await,
+        Request::Dump(filter) => dump(&context, filter, &out).await,
+        Request::DeadLetters { action, sink, seqs, reason } => {
+            blocking(&context, move |c| dead_letters(c, action, sink.as_deref(), &seqs, reason.as_deref())).await
+        }
+        Request::Replay { sink, from, to } => replay(&context, &sink, from, to, &out).await,
+    };
+    let outputs = result.unwrap_or_else(|e| vec![Output::Error { error: format!("{e:#}") }]);
+    for output in outputs {
+        if out.send(output).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn blocking(
+    context: &Context,
+    f: impl FnOnce(&Context) -> anyhow::Result<Vec<Output>> + Send + 'static,
+) -> anyhow::Result<Vec<Output>> {
+    let context = context.clone();
+    tokio::task::spawn_blocking(move || f(&context)).await.context("the command's task failed")?
+}
+
+pub fn wal_report(context: &Context) -> anyhow::Result<WalReport> {
+    let wal = &context.wal;
+    let stats = wal.stats()?;
+    let appended_at =
+        |after: u64| -> anyhow::Result<Option<u64>> { Ok(wal.read_after(after, 1)?.first().map(|r| r.appended_at_ms)) };
+    let oldest_ms = match stats.first_seq {
+        Some(first) => appended_at(first - 1)?,
+        None => None,
+    };
+    let newest_ms = match stats.last_seq {
+        0 => None,
+        last if stats.first_seq.is_some() => appended_at(last - 1)?,
+        _ => None,
+    };
+    let mut sinks = Vec::new();
+    for sink in &context.sinks {
+        let cursor = wal.cursor(sink)?;
+        let lag_seconds = appended_at(cursor)?.map_or(0.0, |at| now_ms().saturating_sub(at) as f64 / 1000.0);
+        sinks.push(SinkLag {
+            sink: sink.clone(),
+            cursor,
+            lag_records: stats.last_seq.saturating_sub(cursor),
+            lag_seconds,
+        });
+    }
+    Ok(WalReport {
+        dir: wal.dir().display().to_string(),
+        records: stats.first_seq.map_or(0, |first| stats.last_seq + 1 - first),
+        disk_bytes: stats.disk_bytes,
+        live_bytes: stats.live_bytes,
+        max_bytes: stats.max_bytes,
+        first_seq: stats.first_seq,
+        last_seq: stats.last_seq,
+        oldest_ms,
+        newest_ms,
+        sinks,
+        dead_letters: stats.dead_letters,
+    })
+}
+
+async fn status(context: &Context) -> anyhow::Result<Status> {
+    let wal = blocking(context, |c| wal_report(c).map(|r| vec![Output::WalStats(r)])).await?;
+    let Some(Output::WalStats(wal)) = wal.into_iter().next() else { bail!("no WAL report") };
+    let running = context.running;
+    let errors = if running {
+        ["invalid_json", "invalid_event", "line_too_long", "wal_full", "overloaded", "shutting_down", "internal"]
+            .into_iter()
+            .map(|code| (code.to_string(), METRICS.errors.get_or_create(&crate::metrics::Code { code }).get()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    Ok(Status {
+        agent_id: context.agent_id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        running,
+        started_at_ms: running.then_some(METRICS.started_at_ms),
+        clients_connected: running.then(|| METRICS.clients_connected.get()),
+        events_per_second: running.then(|| METRICS.events_per_second.get()),
+        events_received: running.then(|| METRICS.events_received_total()),
+        errors,
+        sinks: if running { METRICS.sinks() } else { Vec::new() },
+        not_ready: if running { crate::http::not_ready(&context.wal) } else { None },
+        wal,
+    })
+}
+
+/// Reads records in `[from, to]` in order, a batch at a time.
+fn for_each_record(
+    wal: &Wal,
+    from: Option<u64>,
+    to: Option<u64>,
+    mut f: impl FnMut(Vec<Record>) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let to = to.unwrap_or(u64::MAX);
+    let mut after = from.unwrap_or(1).saturating_sub(1);
+    loop {
+        let mut batch = wal.read_after(after, 1000)?;
+        batch.retain(|r| r.seq <= to);
+        let Some(last) = batch.last().map(|r| r.seq) else { return Ok(()) };
+        after = last;
+        if !f(batch)? || last >= to {
+            return Ok(());
+        }
+    }
+}
+
+async fn dump(context: &Context, filter: DumpFilter, out: &mpsc::Sender<Output>) -> anyhow::Result<Vec<Output>> {
+    if let Some(kind) = &filter.kind {
+        if kind != "trade" && kind != "metric" {
+            bail!("--kind must be trade or metric, not {kind:?}");
+        }
+    }
+    let (context, out) = (context.clone(), out.clone());
+    tokio::task::spawn_blocking(move || {
+        let (mut dumped, mut undecodable) = (0u64, 0u64);
+        for_each_record(&context.wal, filter.from, filter.to, |batch| {
+            for record in batch {
+                let event = match Event::decode(&record.payload) {
+                    Ok(event) => event,
+                    Err(_) => {
+                        undecodable += 1;
+                        continue;
+                    }
+                };
+                let kind = match event {
+                    Event::Metric(_) => "metric",
+                    Event::Trade(_) => "trade",
+                };
+                if filter.kind.as_deref().is_some_and(|k| k != kind)
+                    || filter.profile.as_deref().is_some_and(|p| p != event.profile_id())
+                {
+                    continue;
+                }
+                // With its effective event id, so that sending the dump again creates no duplicates.
+                let event_id = effective_event_id(event.client_event_id(), &context.agent_id, record.seq);
+                if out.blocking_send(Output::Event { line: event.to_json(Some(&event_id)) }).is_err() {
+                    return Ok(false);
+                }
+                dumped += 1;
+            }
+            Ok(true)
+        })?;
+        let skipped =
+            if undecodable > 0 { format!(", {undecodable} undecodable records skipped") } else { String::new() };
+        Ok(vec![Output::Done { summary: format!("{dumped} events dumped{skipped}") }])
+    })
+    .await
+    .context("the dump task failed")?
+}
+
+fn dead_letters(
+    context: &Context,
+    action: DeadLetterAction,
+    sink: Option<&str>,
+    seqs: &[u64],
+    reason: Option<&str>,
+) -> anyhow::Result<Vec<Output>> {
+    let wal = &context.wal;
+    let chosen: Vec<_> = wal
+        .dead_letters()?
+        .into_iter()
+        .filter(|l| sink.is_none_or(|s| s == l.sink) && (seqs.is_empty() || seqs.contains(&l.seq)))
+        .collect();
+    let mut out = Vec::new();
+    match action {
+        DeadLetterAction::List => {
+            for letter in &chosen {
+                let event = match Event::decode(&letter.payload) {
+                    Ok(event) => {
+                        event.to_json(Some(&effective_event_id(event.client_event_id(), &context.agent_id, letter.seq)))
+                    }
+                    Err(e) => format!("(cannot show: {e})"),
+                };
+                out.push(Output::DeadLetter(DeadLetterView {
+                    sink: letter.sink.clone(),
+                    seq: letter.seq,
+                    error: letter.error.clone(),
+                    at_ms: letter.at_ms,
+                    event,
+                }));
+            }
+            out.push(Output::Done { summary: format!("{} dead letters", chosen.len()) });
+        }
+        DeadLetterAction::Drop => {
+            let Some(reason) = reason.filter(|r| !r.trim().is_empty()) else {
+                bail!("dropping dead letters needs --reason \"...\" (it is logged)");
+            };
+            if seqs.is_empty() && sink.is_none() {
+                bail!("name the dead letters to drop: --seq N (repeatable) or --sink NAME for all of a sink");
+            }
+            for letter in &chosen {
+                wal.remove_dead_letter(&letter.sink, letter.seq)?;
+                tracing::warn!(
+                    sink = letter.sink,
+                    seq = letter.seq,
+                    reason,
+                    error = letter.error,
+                    "dead letter dropped"
+                );
+            }
+            out.push(Output::Done { summary: format!("{} dead letters dropped", chosen.len()) });
+        }
+        DeadLetterAction::Retry => {
+            // Appended again as new records carrying the original event id, so the sinks deduplicate them
+            // as the same event; the dead letter goes once the new record is durable.
+            let appender = wal.appender();
+            for letter in &chosen {
+                let mut event = Event::decode(&letter.payload)
+                    .map_err(|e| anyhow::anyhow!("dead letter {} {}: {e}; drop it instead", letter.sink, letter.seq))?;
+                let event_id = effective_event_id(event.client_event_id(), &context.agent_id, letter.seq);
+                match &mut event {
+                    Event::Metric(m) => m.event_id = Some(event_id),
+                    Event::Trade(t) => t.event_id = Some(event_id),
+                }
+                let seq = appender.blocking_append(event.encode())?.blocking_durable()?;
+                wal.remove_dead_letter(&letter.sink, letter.seq)?;
+                tracing::info!(sink = letter.sink, seq = letter.seq, new_seq = seq, "dead letter retried");
+            }
+            out.push(Output::Done { summary: format!("{} dead letters queued again", chosen.len()) });
+        }
+    }
+    Ok(out)
+}
+
+async fn replay(
+    context: &Context,
+    sink: &str,
+    from: Option<u64>,
+    to: Option<u64>,
+    out: &mpsc::Sender<Output>,
+) -> anyhow::Result<Vec<Output>> {
+    match sink {
+        forward::SINK => {}
+        crate::mirror::SINK => bail!("replay to redis: the mirror re-sends the newest values on every reconnect; restart the agent or cut its connection"),
+        other => bail!("unknown sink {other:?}; use mysql"),
+    }
+    let Some(pool) = &context.mysql else { bail!("the config has no [mysql] section") };
+    let stats = context.wal.stats()?;
+    let first = stats.first_seq.unwrap_or(stats.last_seq + 1);
+    let (from, to) = (from.unwrap_or(first).max(first), to.unwrap_or(stats.last_seq).min(stats.last_seq));
+    if from > to {
+        return Ok(vec![Output::Done { summary: "nothing to replay: the WAL holds no records in that range".into() }]);
+    }
+    let total = to - from + 1;
+    let (mut done, mut inserted, mut present) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    let mut after = from - 1;
+    while after < to {
+        let wal = context.wal.clone();
+        let mut batch = tokio::task::spawn_blocking(move || wal.read_after(after, 1000)).await??;
+        batch.retain(|r| r.seq <= to);
+        let Some(last) = batch.last().map(|r| r.seq) else { break };
+        after = last;
+        let rows: Vec<(Record, Event)> = batch
+            .into_iter()
+            .filter_map(|record| Event::decode(&record.payload).ok().map(|event| (record, event)))
+            .collect();
+        done += rows.len() as u64;
+        // Offset 0: the offset row keeps its value (GREATEST); replay is beside forwarding, not part of it.
+        let written = forward::write_rows(pool, &context.agent_id, &rows, || 0).await.with_context(|| {
+            format!(
+                "writing seqs up to {last} failed; run the replay again from --from {}",
+                rows.first().map_or(last, |r| r.0.seq)
+            )
+        })?;
+        inserted += written.inserted;
+        present += written.already_present;
+        let _ = out.send(Output::Progress { done, total, what: "records replayed to MySQL".into() }).await;
+    }
+    tracing::info!(from, to, inserted, already_present = present, "replayed to MySQL");
+    Ok(vec![Output::Done {
+        summary: format!(
+            "replayed seqs {from}..={to} to MySQL in {:.1} s: {inserted} rows inserted, {present} already present",
+            started.elapsed().as_secs_f64()
+        ),
+    }])
+}

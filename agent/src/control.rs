@@ -1,0 +1,68 @@
+//! The control socket: `telemetry-agent status` and `telemetry-agent wal ...` reach the running agent here
+//! (sled lets only one process open the WAL). One request line per connection, answered by a stream of
+//! [`admin::Output`] lines.
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::{self, Output, Request};
+
+/// The longest request line taken.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+
+pub async fn serve(listener: UnixListener, context: admin::Context, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        tokio::spawn(handle(stream, context.clone()));
+    }
+}
+
+async fn handle(stream: UnixStream, context: admin::Context) {
+    let (read, write) = stream.into_split();
+    let mut line = String::new();
+    let mut out = BufWriter::new(write);
+    let read = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES)).read_line(&mut line).await;
+    let request = match read
+        .map_err(|e| e.to_string())
+        .and_then(|_| serde_json::from_str::<Request>(&line).map_err(|e| format!("not a control request: {e}")))
+    {
+        Ok(request) => request,
+        Err(error) => {
+            let _ = write_output(&mut out, &Output::Error { error }).await;
+            let _ = out.flush().await;
+            return;
+        }
+    };
+    tracing::info!(?request, "control request");
+    let (tx, mut rx) = mpsc::channel(1024);
+    let task = tokio::spawn(admin::execute(request, context, tx));
+    while let Some(output) = rx.recv().await {
+        if write_output(&mut out, &output).await.is_err() {
+            // The operator went away: stop the command (a dump stops at its next event).
+            break;
+        }
+        if rx.is_empty() && out.flush().await.is_err() {
+            break;
+        }
+    }
+    drop(rx);
+    let _ = task.await;
+    let _ = out.flush().await;
+}
+
+async fn write_output(out: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>, output: &Output) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(output).unwrap_or_default();
+    line.push(b'\n');
+    out.write_all(&line).await
+}
