@@ -206,6 +206,7 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         // A new WAL starts at the current time in microseconds, so that a host whose WAL was wiped never
         // reuses a generated event id (`{agent_id}-{seq}`) that MySQL already holds.
         first_seq: u64::try_from(now_us()).unwrap_or(1),
+        retain: Duration::from_secs(config.wal.retain_secs),
     };
     let wal = Wal::open(&config.wal.dir, options)?;
     match wal.label("agent_id")? {

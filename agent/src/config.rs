@@ -69,6 +69,9 @@ pub struct WalConfig {
     pub max_bytes: u64,
     /// sled's cache.
     pub cache_bytes: u64,
+    /// Keep records this long after every sink has taken them, for `wal dump` and `wal replay` (dropped
+    /// earlier when records fill half of max_bytes).
+    pub retain_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -214,6 +217,7 @@ impl Default for WalConfig {
             flush_interval_ms: 10,
             max_bytes: 4 << 30,
             cache_bytes: 64 << 20,
+            retain_secs: 3600,
         }
     }
 }
@@ -448,6 +452,7 @@ mod tests {
         assert_eq!(example.wal.max_bytes, defaults.wal.max_bytes);
         assert_eq!(example.wal.cache_bytes, defaults.wal.cache_bytes);
         assert_eq!(example.wal.durability, defaults.wal.durability);
+        assert_eq!(example.wal.retain_secs, defaults.wal.retain_secs);
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct WalOptions {
     pub gating_cursors: Vec<String>,
     /// The first sequence number of a new WAL (ignored when the WAL already exists).
     pub first_seq: u64,
+    /// Keep records this long after they were written even once every gating cursor passed them (so that
+    /// they can be replayed), unless the records stored reach half of `max_bytes`.
+    pub retain: std::time::Duration,
 }
 
 impl Default for WalOptions {
@@ -65,6 +68,7 @@ impl Default for WalOptions {
             cache_bytes: 64 << 20,
             gating_cursors: Vec::new(),
             first_seq: 1,
+            retain: std::time::Duration::ZERO,
         }
     }
 }
@@ -360,12 +364,23 @@ impl Wal {
         }
         let durable = *self.inner.shared.durable_seq.borrow();
         upto = upto.min(durable);
+        let options = &self.inner.options;
+        let under_pressure =
+            self.inner.shared.live_bytes.load(Ordering::Relaxed).saturating_mul(2) >= options.max_bytes;
+        let retain_ms = u64::try_from(options.retain.as_millis()).unwrap_or(u64::MAX);
+        let keep_newer_than_ms = (retain_ms > 0 && !under_pressure).then(|| writer::now_ms().saturating_sub(retain_ms));
         let mut batch = sled::Batch::default();
         let mut removed = 0;
         let mut freed_bytes = 0;
         let mut chunks = self.inner.records.range(..=upto.to_be_bytes()).peekable();
         while let Some(entry) = chunks.next() {
             let (key, value) = entry.map_err(|e| self.sled_err("scan the WAL", e))?;
+            if let Some(limit) = keep_newer_than_ms {
+                let chunk = Chunk::decode(&key, &value).map_err(|reason| self.corrupt(&key, reason))?;
+                if chunk.appended_at_ms > limit {
+                    break;
+                }
+            }
             // A chunk ends where the next one starts; the last one ends at the durable seq.
             let next_first = match chunks.peek() {
                 Some(Ok((next, _))) => be_u64(next),

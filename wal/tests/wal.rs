@@ -110,6 +110,37 @@ fn tables_persist_and_outlive_the_records_they_derive_from() {
 }
 
 #[test]
+fn retention_keeps_passed_records_for_a_while_unless_space_runs_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        gating_cursors: vec!["mysql".into()],
+        retain: Duration::from_millis(400),
+        ..WalOptions::default()
+    };
+    let wal = open(dir.path(), options.clone());
+    let seqs = append_all(&wal, std::iter::repeat_n(vec![7u8; 100], 1000));
+    wal.set_cursor("mysql", *seqs.last().unwrap()).unwrap();
+    assert_eq!(wal.truncate().unwrap(), 0, "records younger than the retention are kept");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(wal.truncate().unwrap(), 1000);
+    wal.close().unwrap();
+    drop(wal);
+
+    // Records filling half the cap are dropped whatever their age.
+    let live = {
+        let wal = open(dir.path(), options.clone());
+        let seqs = append_all(&wal, std::iter::repeat_n(vec![7u8; 100], 1000));
+        wal.set_cursor("mysql", *seqs.last().unwrap()).unwrap();
+        let live = wal.stats().unwrap().live_bytes;
+        wal.close().unwrap();
+        live
+    };
+    let tight = WalOptions { max_bytes: live * 2, retain: Duration::from_secs(3600), ..options };
+    let wal = open(dir.path(), tight);
+    assert_eq!(wal.truncate().unwrap(), 1000);
+}
+
+#[test]
 fn truncation_waits_for_every_gating_cursor_frees_space_and_keeps_seqs() {
     let dir = tempfile::tempdir().unwrap();
     let options = WalOptions { gating_cursors: vec!["mysql".into(), "redis".into()], ..WalOptions::default() };

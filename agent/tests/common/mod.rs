@@ -26,7 +26,7 @@ impl Agent {
         let wal_dir = dir.path().join("wal");
         let config_path = dir.path().join("agent.toml");
         let config = format!(
-            "[agent]\nid = \"test-agent\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n\
+            "[agent]\nid = \"test-agent\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\nretain_secs = 0\n\
              [http]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n{extra}",
             socket.display().to_string(),
             wal_dir.display().to_string(),
@@ -44,7 +44,7 @@ impl Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "warn,telemetry_agent::forward=info")
+            .env("RUST_LOG", "warn,telemetry_agent::forward=info,telemetry_agent::cli=info")
             .stdout(Stdio::null())
             // A file, not a pipe: nobody drains a pipe, and a chatty agent would block on it.
             .stderr(self.log_file())
@@ -112,6 +112,34 @@ impl Agent {
             assert!(Instant::now() < deadline, "the log has no {needle:?} after {secs} s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The address of the agent's HTTP endpoint (from its log).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.wait_for_log("telemetry-agent ready", 20);
+        let log = self.log();
+        let start = log.rfind("http=\"").expect("the ready line names the HTTP address") + 6;
+        let end = start + log[start..].find('"').unwrap();
+        log[start..end].parse().unwrap()
+    }
+
+    /// Runs `telemetry-agent ARGS --config <this agent's config>`, with `stdin` as standard input.
+    pub fn command(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let stdin = stdin.to_string();
+        let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
+        let output = child.wait_with_output().unwrap();
+        let _ = writer.join();
+        output
     }
 
     pub fn connect(&self) -> Client {
@@ -219,6 +247,19 @@ pub fn migrate(url: &str) -> std::process::Output {
     let config = dir.path().join("migrate.toml");
     std::fs::write(&config, format!("[mysql]\nurl = {url:?}\n")).unwrap();
     Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["migrate", "--config"]).arg(&config).output().unwrap()
+}
+
+/// `GET path` over HTTP/1.0: the status code and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
 }
 
 /// A fresh MySQL database for one test, dropped afterwards.
