@@ -303,6 +303,10 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         sinks = ?config.enabled_sinks(),
         "telemetry-agent ready"
     );
+    // Under systemd (Type=notify): the WAL is open and the socket bound. Elsewhere this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
     let stop = async {
         tokio::select! {
             () = shutdown_signal() => {}
@@ -310,6 +314,7 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         }
     };
     Listener::new(listener, context, ingest.max_connections).serve(stop).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     for sink in [forwarder, mirror].into_iter().flatten() {
         let _ = sink.await;
@@ -336,12 +341,19 @@ async fn shutdown_signal() {
 /// supervisor restarts it and sled's recovery establishes what is durable.
 async fn housekeeping(wal: &Wal, sinks: &[&'static str], pool: Option<&mysql_async::Pool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // systemd's watchdog (WatchdogSec): pinged from this loop, so a stuck runtime or WAL gets restarted.
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut pinged = std::time::Instant::now();
     let mut received: std::collections::VecDeque<(std::time::Instant, u64)> = std::collections::VecDeque::new();
     loop {
         tick.tick().await;
         if let Some(failure) = wal.failure() {
             tracing::error!(failure, "the WAL failed; stopping so that a restart can recover it");
             return;
+        }
+        if watchdog.is_some_and(|period| pinged.elapsed() >= period / 2) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            pinged = std::time::Instant::now();
         }
         let task = {
             let (wal, sinks) = (wal.clone(), sinks.to_vec());

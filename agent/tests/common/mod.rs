@@ -15,12 +15,21 @@ pub struct Agent {
     pub socket: PathBuf,
     pub wal_dir: PathBuf,
     pub config_path: PathBuf,
+    /// Extra environment for the agent process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Agent {
     /// Starts an agent in a fresh directory; `extra` is TOML appended to the config.
     pub fn start(extra: &str) -> Agent {
+        let mut agent = Agent::configure(extra);
+        agent.restart();
+        agent
+    }
+
+    /// Like [`Agent::start`] without starting it (set `env` first).
+    pub fn configure(extra: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let wal_dir = dir.path().join("wal");
@@ -32,11 +41,8 @@ impl Agent {
             wal_dir.display().to_string(),
             dir.path().join("control.sock").display().to_string(),
         );
-        let config = merge_sections(&config);
-        std::fs::write(&config_path, config).unwrap();
-        let mut agent = Agent { dir, socket, wal_dir, config_path, child: None };
-        agent.restart();
-        agent
+        std::fs::write(&config_path, merge_sections(&config)).unwrap();
+        Agent { dir, socket, wal_dir, config_path, env: Vec::new(), child: None }
     }
 
     pub fn restart(&mut self) {
@@ -45,6 +51,7 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "warn,telemetry_agent::forward=info,telemetry_agent::cli=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             // A file, not a pipe: nobody drains a pipe, and a chatty agent would block on it.
             .stderr(self.log_file())
