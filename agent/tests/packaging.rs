@@ -36,7 +36,7 @@ fn the_agent_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops
         vec![("NOTIFY_SOCKET".into(), notify_path.display().to_string()), ("WATCHDOG_USEC".into(), "2000000".into())];
     agent.restart();
     let mut received = Vec::new();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 512];
         let n = notify.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
