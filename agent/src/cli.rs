@@ -34,7 +34,8 @@ pub struct Cli {
 enum Command {
     /// Run the agent: listen on the socket, store events in the WAL, forward them.
     Run {
-        /// TOML config file; without it, defaults that work in the current directory.
+        /// TOML config file; default: /etc/telemetry-agent/agent.toml if it exists, else defaults that work in
+        /// the current directory (./data).
         #[arg(long)]
         config: Option<PathBuf>,
     },

@@ -222,13 +222,19 @@ impl Default for WalConfig {
     }
 }
 
+/// Where the Debian package puts the config; used when `--config` is not given.
+pub const INSTALLED_CONFIG: &str = "/etc/telemetry-agent/agent.toml";
+
 /// The largest line the protocol takes: an encoded event must fit one WAL record.
 pub const MAX_LINE_BYTES_LIMIT: usize = 96 * 1024;
 const MAX_AGENT_ID_CHARS: usize = 40;
 
 impl Config {
-    /// Reads and validates `path`; `None` gives the defaults.
+    /// Reads and validates `path`; `None` reads the installed config ([`INSTALLED_CONFIG`]) if there is one,
+    /// else gives the defaults.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let installed = Path::new(INSTALLED_CONFIG);
+        let path = path.or_else(|| installed.exists().then_some(installed));
         let config: Config = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

@@ -60,3 +60,63 @@ fn the_agent_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops
     }
     assert!(agent.wait().success());
 }
+
+#[test]
+fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
+    let has_cargo_deb = std::process::Command::new("cargo").args(["deb", "--version"]).output();
+    if !has_cargo_deb.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: cargo-deb is not installed (cargo install cargo-deb); .ci/run installs it");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let built = std::process::Command::new("cargo")
+        .args(["deb", "-p", "telemetry-agent", "--strip", "--output"])
+        .arg(out.path())
+        .current_dir(workspace)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "cargo deb failed: {}", String::from_utf8_lossy(&built.stderr));
+    let deb = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"));
+    let deb = deb.expect("a .deb");
+    let dpkg = |args: &[&str]| {
+        let output = std::process::Command::new("dpkg-deb").args(args).arg(&deb).output().unwrap();
+        assert!(output.status.success(), "dpkg-deb {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let contents = dpkg(&["-c"]);
+    for path in [
+        "./usr/bin/telemetry-agent",
+        "./etc/telemetry-agent/agent.toml",
+        "systemd/system/telemetry-agent.service",
+        "./usr/share/doc/telemetry-agent/README.md",
+        "./usr/share/doc/telemetry-agent/dashboards.md",
+    ] {
+        assert!(contents.contains(path), "{path} missing from the package:\n{contents}");
+    }
+    let info = dpkg(&["-I"]);
+    assert!(info.contains("Package: telemetry-agent") && info.contains("adduser"), "{info}");
+
+    let control = tempfile::tempdir().unwrap();
+    let extracted = std::process::Command::new("dpkg-deb").arg("-e").arg(&deb).arg(control.path()).status().unwrap();
+    assert!(extracted.success());
+    let read = |name: &str| std::fs::read_to_string(control.path().join(name)).unwrap_or_default();
+    assert_eq!(read("conffiles").trim(), "/etc/telemetry-agent/agent.toml");
+    let postinst = read("postinst");
+    assert!(postinst.contains("adduser --system") && postinst.contains("addgroup --system telemetry"), "{postinst}");
+    assert!(
+        postinst.contains("deb-systemd-helper") || postinst.contains("systemctl"),
+        "units not enabled:\n{postinst}"
+    );
+    let postrm = read("postrm");
+    assert!(postrm.contains("purge") && postrm.contains("/var/lib/telemetry-agent"), "{postrm}");
+    assert!(read("prerm").contains("telemetry-agent.service"), "the service is not stopped on removal");
+
+    // The packaged config is the example, and it works as is with the unit's paths.
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml")).unwrap();
+    assert!(example.contains("/run/telemetry-agent/agent.sock") && example.contains("/var/lib/telemetry-agent/wal"));
+}
