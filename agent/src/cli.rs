@@ -21,7 +21,9 @@ use crate::http;
 use crate::ingest::{self, IngestContext, Listener};
 use crate::metrics::METRICS;
 use crate::mirror::{self, Mirror};
+use crate::reload;
 use telemetry_wal::{Durability, Wal, WalOptions};
+use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(name = "telemetry-agent", version, about = "Durable local telemetry forwarder for trading hosts")]
@@ -182,18 +184,29 @@ fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn init_logging(config: &Config) {
+/// Sets up logging to stderr; returns how to change the level later (`None` when `RUST_LOG` decides).
+fn init_logging(config: &Config) -> Option<reload::LogLevelSetter> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let from_env = std::env::var_os("RUST_LOG").is_some();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.agent.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let output = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let _ = tracing_subscriber::registry().with(filter).with(output).try_init();
+    let set: reload::LogLevelSetter = Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| format!("log_level {level:?}: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    });
+    (!from_env).then_some(set)
 }
 
 fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    init_logging(&config);
+    let log_level = init_logging(&config);
     let agent_id = config.agent_id()?;
     let durability = match config.wal.durability {
         DurabilityMode::Fsync => Durability::Fsync,
@@ -221,7 +234,8 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
-    let result = runtime.block_on(serve(&config, &wal, agent_id));
+    let reload_from = Config::resolve_path(config_path);
+    let result = runtime.block_on(serve(&config, &wal, agent_id, reload_from, log_level));
     // Every handler has finished: nothing waits on the WAL any more.
     let closed = wal.close();
     drop(runtime);
@@ -234,7 +248,13 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<()> {
+async fn serve(
+    config: &Config,
+    wal: &Wal,
+    agent_id: String,
+    reload_from: Option<PathBuf>,
+    log_level: Option<reload::LogLevelSetter>,
+) -> anyhow::Result<()> {
     let ingest = &config.ingest;
     let listener = ingest::bind(&ingest.socket, config.socket_mode()?, ingest.socket_group.as_deref())?;
     let context = Arc::new(IngestContext {
@@ -253,15 +273,17 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
     };
     let http_addr = http.as_ref().and_then(http::local_addr);
     let pool = config.mysql.as_ref().map(forward::pool).transpose()?;
+    // Live settings: a config reload sends new values here.
+    let forward_settings = watch::Sender::new(ForwardSettings::from(&config.mysql.clone().unwrap_or_default()));
+    let redis_settings = watch::Sender::new(config.redis.clone().unwrap_or_default());
     let forwarder = match (&config.mysql, &pool) {
         (Some(mysql), Some(pool)) => {
             METRICS.sink_enabled(forward::SINK);
-            let settings = ForwardSettings::from(mysql);
             let forwarder = Forwarder::new(
                 wal.clone(),
                 pool.clone(),
                 agent_id.clone(),
-                settings,
+                forward_settings.subscribe(),
                 mysql.parallel_batches,
                 stop_rx.clone(),
             );
@@ -270,9 +292,9 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         _ => None,
     };
     let mirror = match &config.redis {
-        Some(redis) => {
+        Some(_) => {
             METRICS.sink_enabled(mirror::SINK);
-            let mirror = Mirror::new(wal.clone(), agent_id.clone(), redis, stop_rx.clone())?;
+            let mirror = Mirror::new(wal.clone(), agent_id.clone(), redis_settings.subscribe(), stop_rx.clone())?;
             Some(tokio::spawn(mirror.run()))
         }
         None => None,
@@ -291,6 +313,14 @@ async fn serve(config: &Config, wal: &Wal, agent_id: String) -> anyhow::Result<(
         running: true,
     };
     tokio::spawn(control::serve(control, admin_context, stop_rx.clone()));
+    if let Some(path) = reload_from {
+        let live = reload::Live {
+            forward: config.mysql.is_some().then_some(forward_settings),
+            redis: config.redis.is_some().then_some(redis_settings),
+            log_level,
+        };
+        tokio::spawn(reload::run(path, config.clone(), live, stop_rx.clone()));
+    }
     let sinks: Vec<&'static str> =
         [config.mysql.as_ref().map(|_| forward::SINK), config.redis.as_ref().map(|_| mirror::SINK)]
             .into_iter()
@@ -624,8 +654,8 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
     let result = runtime.block_on(async {
         let pool = forward::pool(mysql)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let forwarder =
-            Forwarder::new(wal.clone(), pool, agent_id.clone(), ForwardSettings::from(mysql), mysql.parallel_batches, stop_rx);
+        let settings = watch::channel(ForwardSettings::from(mysql)).1;
+        let forwarder = Forwarder::new(wal.clone(), pool, agent_id.clone(), settings, mysql.parallel_batches, stop_rx);
         let totals = forwarder.totals();
         let task = tokio::spawn(forwarder.run());
         let start = wal.cursor(forward::SINK)?;

@@ -233,8 +233,8 @@ impl Config {
     /// Reads and validates `path`; `None` reads the installed config ([`INSTALLED_CONFIG`]) if there is one,
     /// else gives the defaults.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
-        let installed = Path::new(INSTALLED_CONFIG);
-        let path = path.or_else(|| installed.exists().then_some(installed));
+        let resolved = Config::resolve_path(path);
+        let path = resolved.as_deref();
         let config: Config = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -248,6 +248,12 @@ impl Config {
             None => "invalid default config".to_string(),
         })?;
         Ok(config)
+    }
+
+    /// The file [`Config::load`] reads for `path`: itself, else the installed config if there is one.
+    pub fn resolve_path(path: Option<&Path>) -> Option<PathBuf> {
+        let installed = Path::new(INSTALLED_CONFIG);
+        path.map(Path::to_path_buf).or_else(|| installed.exists().then(|| installed.to_path_buf()))
     }
 
     fn validate(&self) -> anyhow::Result<()> {

@@ -64,7 +64,7 @@ pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
     Ok(Pool::new(builder))
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ForwardSettings {
     pub max_batch_rows: usize,
     pub max_batch_bytes: usize,
@@ -118,7 +118,8 @@ struct Shared {
     wal: Wal,
     pool: Pool,
     agent_id: String,
-    settings: ForwardSettings,
+    /// Live: a config reload changes batch sizes, linger, retries and the write timeout.
+    settings: watch::Receiver<ForwardSettings>,
     outage: Mutex<Option<Outage>>,
     progress: Mutex<Progress>,
     shutdown: watch::Receiver<bool>,
@@ -167,7 +168,7 @@ impl Forwarder {
         wal: Wal,
         pool: Pool,
         agent_id: String,
-        settings: ForwardSettings,
+        settings: watch::Receiver<ForwardSettings>,
         parallel: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -240,14 +241,15 @@ impl Forwarder {
     /// The next batch after `after`: as soon as it is full (rows or bytes), or when the WAL has nothing more
     /// and the oldest record has lingered `max_linger`.
     async fn next_batch(&mut self, after: u64) -> Result<Vec<Record>, Stopped> {
-        let settings = &self.shared.settings;
         let mut durable = self.shared.wal.subscribe();
+        let mut reloaded = self.shared.settings.clone();
         let mut batch: Vec<Record> = Vec::new();
         let mut bytes = 0;
         let mut last = after;
         loop {
             durable.borrow_and_update();
-            let more = read_after(&self.shared.wal, last, settings.max_batch_rows - batch.len()).await;
+            let settings = *reloaded.borrow_and_update();
+            let more = read_after(&self.shared.wal, last, settings.max_batch_rows.saturating_sub(batch.len())).await;
             for record in more {
                 if !batch.is_empty() && bytes + record.payload.len() > settings.max_batch_bytes {
                     return Ok(batch);
@@ -274,6 +276,7 @@ impl Forwarder {
             };
             tokio::select! {
                 _ = durable.changed() => {}
+                _ = reloaded.changed() => {}
                 () = linger => return Ok(batch),
                 _ = self.shutdown.changed() => return Err(Stopped),
             }
@@ -282,6 +285,10 @@ impl Forwarder {
 }
 
 impl Shared {
+    fn settings(&self) -> ForwardSettings {
+        *self.settings.borrow()
+    }
+
     fn lock_progress(&self) -> std::sync::MutexGuard<'_, Progress> {
         self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -326,7 +333,7 @@ impl Shared {
             let mut conn = self.pool.get_conn().await?;
             conn.exec_drop(OFFSET_UPSERT, (&self.agent_id, SINK, watermark, watermark)).await
         };
-        match tokio::time::timeout(self.settings.write_timeout, result).await {
+        match tokio::time::timeout(self.settings().write_timeout, result).await {
             Ok(Ok(())) => {
                 let mut progress = self.lock_progress();
                 progress.offset_written = progress.offset_written.max(watermark);
@@ -351,7 +358,7 @@ impl Shared {
     async fn start_point(&self) -> Result<u64, Stopped> {
         let mut reported: Option<String> = None;
         loop {
-            let check = tokio::time::timeout(self.settings.write_timeout, self.check_schema_and_offset());
+            let check = tokio::time::timeout(self.settings().write_timeout, self.check_schema_and_offset());
             let mut shutdown = self.shutdown.clone();
             let result = tokio::select! {
                 result = check => result.unwrap_or_else(|_| Err(StartError::Unreachable("MySQL did not answer in time".into()))),
@@ -399,7 +406,7 @@ impl Shared {
                 tracing::error!(problem, "not forwarding to MySQL; checking again every 10 s");
                 reported = Some(problem);
             }
-            self.sleep(self.settings.retry_max.min(SCHEMA_RECHECK)).await?;
+            self.sleep(self.settings().retry_max.min(SCHEMA_RECHECK)).await?;
         }
     }
 
@@ -506,7 +513,7 @@ impl Shared {
 
     /// One transaction: the rows, then the offset.
     async fn write(&self, batch_first: u64, rows: &[(Record, Event)]) -> Result<Written, WriteError> {
-        let timeout = self.settings.write_timeout;
+        let timeout = self.settings().write_timeout;
         let last = rows.last().map_or(0, |(r, _)| r.seq);
         let offset = || self.offset_for(batch_first, last);
         match tokio::time::timeout(timeout, write_rows(&self.pool, &self.agent_id, rows, offset)).await {
@@ -587,7 +594,8 @@ impl Shared {
     /// Exponential backoff with jitter, capped.
     async fn backoff(&self) -> Result<(), Stopped> {
         let retries = self.lock_outage().as_ref().map_or(0, |o| o.retries).min(16) as u32;
-        let ceiling = self.settings.retry_initial.saturating_mul(1 << retries).min(self.settings.retry_max);
+        let settings = self.settings();
+        let ceiling = settings.retry_initial.saturating_mul(1 << retries).min(settings.retry_max);
         let delay = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
         self.sleep(delay).await
     }

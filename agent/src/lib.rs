@@ -12,3 +12,4 @@ pub mod ingest;
 pub mod metrics;
 pub mod migrate;
 pub mod mirror;
+pub mod reload;

@@ -287,7 +287,8 @@ pub struct Mirror {
     table: Table,
     agent_id: String,
     client: Client,
-    config: RedisConfig,
+    /// Live: a config reload changes `publish_updates` and `retry_max_ms`.
+    config: watch::Receiver<RedisConfig>,
     script: Script,
     dirty: Mutex<Dirty>,
     changed: Notify,
@@ -301,15 +302,16 @@ impl Mirror {
     pub fn new(
         wal: Wal,
         agent_id: String,
-        config: &RedisConfig,
+        config: watch::Receiver<RedisConfig>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
-        let mut info = config
+        let config_now = config.borrow().clone();
+        let mut info = config_now
             .url
             .as_str()
             .into_connection_info()
-            .with_context(|| format!("[redis] url {} is invalid", mask_url(&config.url)))?;
-        if let Some(path) = &config.password_file {
+            .with_context(|| format!("[redis] url {} is invalid", mask_url(&config_now.url)))?;
+        if let Some(path) = &config_now.password_file {
             let password = read_secret_file(path, "[redis] password_file")?;
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
@@ -321,7 +323,7 @@ impl Mirror {
             table,
             agent_id,
             client,
-            config: config.clone(),
+            config,
             script: Script::new(UPDATE_SCRIPT),
             dirty: Mutex::new(Dirty::default()),
             changed: Notify::new(),
@@ -341,6 +343,10 @@ impl Mirror {
         let _ = mirror.sync().await;
         let _ = fold.await;
         tracing::info!("Redis mirror stopped");
+    }
+
+    fn config(&self) -> RedisConfig {
+        self.config.borrow().clone()
     }
 
     fn lock_dirty(&self) -> std::sync::MutexGuard<'_, Dirty> {
@@ -401,9 +407,9 @@ impl Mirror {
         let mut shutdown = self.shutdown.clone();
         let mut conn: Option<MultiplexedConnection> = None;
         let mut outage: Option<(Instant, String)> = None;
-        let retry_max = Duration::from_millis(self.config.retry_max_ms);
         let mut backoff = RETRY_INITIAL;
         loop {
+            let retry_max = Duration::from_millis(self.config().retry_max_ms);
             self.lock_dirty().unpark(retry_max);
             let mut idle = false;
             if conn.is_some() && self.lock_dirty().is_empty() {
@@ -461,7 +467,7 @@ impl Mirror {
             METRICS.sink_failed(SINK, &error);
             match &outage {
                 None => {
-                    tracing::warn!(error, url = %mask_url(&self.config.url), "Redis mirror waiting; retrying (the newest values are kept meanwhile)");
+                    tracing::warn!(error, url = %mask_url(&self.config().url), "Redis mirror waiting; retrying (the newest values are kept meanwhile)");
                     outage = Some((Instant::now(), error));
                 }
                 Some((_, last)) if *last != error => tracing::debug!(error, "Redis mirror still waiting"),
@@ -478,8 +484,9 @@ impl Mirror {
 
     /// A new connection, named for `CLIENT LIST`, with the script loaded.
     async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
-        let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let response_timeout = Duration::from_millis(self.config.response_timeout_ms);
+        let config = self.config();
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let response_timeout = Duration::from_millis(config.response_timeout_ms);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
@@ -545,9 +552,9 @@ impl Mirror {
                 Err(e) => return Err(SyncError::Local(format!("the table read task failed: {e}"))),
             }
         };
-        let channel =
-            if self.config.publish_updates { format!("{}:updates", self.config.key_prefix) } else { String::new() };
-        let prefix = &self.config.key_prefix;
+        let config = self.config();
+        let channel = if config.publish_updates { format!("{}:updates", config.key_prefix) } else { String::new() };
+        let prefix = &config.key_prefix;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut sent: Vec<&ProfileUpdate> = Vec::new();

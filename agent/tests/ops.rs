@@ -265,3 +265,44 @@ fn dead_letters_are_listed_retried_after_a_fix_and_dropped_with_a_reason() {
     agent.wait_for_log("dead letter dropped", 10);
     assert!(agent.log().contains("test data"), "{}", agent.log());
 }
+
+#[test]
+fn a_reload_changes_the_batch_size_live_names_restart_only_keys_and_rejects_a_broken_file() {
+    let db = TestDb::migrated();
+    let agent =
+        Agent::start(&format!("[mysql]\nurl = {:?}\nmax_batch_rows = 1000\nmax_linger_ms = 600000\n", db.url()));
+    let mut client = agent.connect();
+    for i in 0..10 {
+        assert_eq!(client.request(&metric("p", "m", f64::from(i)))["ok"], true);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(db.count("dd_metrics"), 0, "a 1000-row batch with a 10-minute linger should still be waiting");
+
+    // As an editor saves: a new file renamed over the old one.
+    let original = std::fs::read_to_string(&agent.config_path).unwrap();
+    let replace = |text: &str| {
+        let tmp = agent.config_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &agent.config_path).unwrap();
+    };
+    replace(&original.replace("max_batch_rows = 1000", "max_batch_rows = 5"));
+    db.wait_for_rows("dd_metrics", 10, 20);
+    agent.wait_for_log("mysql.max_batch_rows", 10);
+
+    // A broken file is rejected whole; the agent goes on with what it runs.
+    replace("[mysql\nmax_batch_rows = ");
+    agent.wait_for_log("config file rejected", 10);
+    for i in 10..15 {
+        assert_eq!(client.request(&metric("p", "m", f64::from(i)))["ok"], true);
+    }
+    db.wait_for_rows("dd_metrics", 15, 20);
+
+    // A change that needs a restart is named; SIGHUP reloads too.
+    std::fs::write(&agent.config_path, original.replace("max_batch_rows = 1000", "max_batch_rows = 5\npool_size = 6"))
+        .unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for_log("mysql.pool_size", 10);
+    agent.wait_for_log("SIGHUP", 10);
+    assert!(agent.log().contains("only after a restart"), "{}", agent.log());
+    assert_eq!(client.request(&metric("p", "m", 99.0))["ok"], true, "the agent still serves");
+}

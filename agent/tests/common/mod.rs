@@ -50,7 +50,10 @@ impl Agent {
         let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "warn,telemetry_agent::forward=info,telemetry_agent::cli=info")
+            .env(
+                "RUST_LOG",
+                "warn,telemetry_agent::forward=info,telemetry_agent::cli=info,telemetry_agent::reload=info",
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             // A file, not a pipe: nobody drains a pipe, and a chatty agent would block on it.
