@@ -123,6 +123,8 @@ pub struct Context {
     pub agent_id: String,
     pub sinks: Vec<String>,
     pub mysql: Option<mysql_async::Pool>,
+    /// The running agent's Redis mirror.
+    pub redis: Option<crate::mirror::Resync>,
     /// Set inside the running agent.
     pub running: bool,
 }
@@ -369,7 +371,18 @@ async fn replay(
 ) -> anyhow::Result<Vec<Output>> {
     match sink {
         forward::SINK => {}
-        crate::mirror::SINK => bail!("replay to redis: the mirror re-sends the newest values on every reconnect; restart the agent or cut its connection"),
+        crate::mirror::SINK => {
+            // Redis holds newest values only, and the mirror's table holds the newest of every acked event,
+            // truncated or not: replaying means pushing that table again, whatever the range.
+            let Some(resync) = &context.redis else {
+                bail!("replay to redis needs the running agent (it pushes its whole table to Redis at every start)")
+            };
+            resync.request();
+            return Ok(vec![Output::Done {
+                summary: "the mirror is pushing the newest value of every key to Redis again (older values never                           overwrite newer ones, so --from/--to do not apply)"
+                    .into(),
+            }]);
+        }
         other => bail!("unknown sink {other:?}; use mysql"),
     }
     let Some(pool) = &context.mysql else { bail!("the config has no [mysql] section") };

@@ -291,13 +291,14 @@ async fn serve(
         }
         _ => None,
     };
-    let mirror = match &config.redis {
+    let (mirror, resync) = match &config.redis {
         Some(_) => {
             METRICS.sink_enabled(mirror::SINK);
             let mirror = Mirror::new(wal.clone(), agent_id.clone(), redis_settings.subscribe(), stop_rx.clone())?;
-            Some(tokio::spawn(mirror.run()))
+            let resync = mirror.resync_handle();
+            (Some(tokio::spawn(mirror.run())), Some(resync))
         }
-        None => None,
+        None => (None, None),
     };
     if let Some(listener) = http {
         tokio::spawn(http::serve(listener, wal.clone(), stop_rx.clone()));
@@ -310,6 +311,7 @@ async fn serve(
         agent_id: agent_id.clone(),
         sinks: config.enabled_sinks(),
         mysql: pool.clone(),
+        redis: resync,
         running: true,
     };
     tokio::spawn(control::serve(control, admin_context, stop_rx.clone()));
@@ -512,7 +514,7 @@ fn direct_context(config: &Config, connect_error: &std::io::Error) -> anyhow::Re
         None => config.agent_id()?,
     };
     let mysql = config.mysql.as_ref().map(forward::pool).transpose()?;
-    Ok(admin::Context { wal, agent_id, sinks: config.enabled_sinks(), mysql, running: false })
+    Ok(admin::Context { wal, agent_id, sinks: config.enabled_sinks(), mysql, redis: None, running: false })
 }
 
 async fn render(mut rx: tokio::sync::mpsc::Receiver<Output>, json: bool) -> anyhow::Result<ExitCode> {

@@ -282,6 +282,20 @@ enum Step {
     Idle,
 }
 
+/// Asks a running mirror to push its whole table again (Redis keeps whichever value is newer).
+#[derive(Clone)]
+pub struct Resync {
+    asked: Arc<std::sync::atomic::AtomicBool>,
+    wake: Arc<Notify>,
+}
+
+impl Resync {
+    pub fn request(&self) {
+        self.asked.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+}
+
 pub struct Mirror {
     wal: Wal,
     table: Table,
@@ -291,7 +305,9 @@ pub struct Mirror {
     config: watch::Receiver<RedisConfig>,
     script: Script,
     dirty: Mutex<Dirty>,
-    changed: Notify,
+    changed: Arc<Notify>,
+    /// `wal replay --sink redis`: push the whole table again.
+    resync: Arc<std::sync::atomic::AtomicBool>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -326,7 +342,8 @@ impl Mirror {
             config,
             script: Script::new(UPDATE_SCRIPT),
             dirty: Mutex::new(Dirty::default()),
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
+            resync: Arc::default(),
             shutdown,
         })
     }
@@ -343,6 +360,11 @@ impl Mirror {
         let _ = mirror.sync().await;
         let _ = fold.await;
         tracing::info!("Redis mirror stopped");
+    }
+
+    /// A way to ask the running mirror to push every newest value again.
+    pub fn resync_handle(&self) -> Resync {
+        Resync { asked: self.resync.clone(), wake: self.changed.clone() }
     }
 
     fn config(&self) -> RedisConfig {
@@ -411,6 +433,12 @@ impl Mirror {
         loop {
             let retry_max = Duration::from_millis(self.config().retry_max_ms);
             self.lock_dirty().unpark(retry_max);
+            if conn.is_some() && self.take_resync() {
+                tracing::info!("replaying the whole table to Redis");
+                if let Err(e) = self.mark_all_dirty().await {
+                    tracing::error!(error = e, "the Redis mirror cannot read its table");
+                }
+            }
             let mut idle = false;
             if conn.is_some() && self.lock_dirty().is_empty() {
                 tokio::select! {
@@ -504,6 +532,11 @@ impl Mirror {
             Ok(result) => result.context("cannot connect to Redis"),
             Err(_) => anyhow::bail!("connecting to Redis timed out"),
         }
+    }
+
+    /// Whether a resync was asked for (and takes the request).
+    fn take_resync(&self) -> bool {
+        self.resync.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn mark_all_dirty(&self) -> Result<(), String> {

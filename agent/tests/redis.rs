@@ -157,7 +157,7 @@ fn redis_holds_the_newest_value_per_key_whatever_the_order_of_arrival() {
 
     let mut expected = Expected::default();
     let lines = expected.stream(20, 5, 20, 1_795_000_000_000);
-    expected.metrics.insert(("p0".into(), "m0".into()), (future_ts, 42.0));
+    let streamed = expected.metrics.insert(("p0".into(), "m0".into()), (future_ts, 42.0)).unwrap();
     send_all(&agent, &lines, 4);
     expected.wait_for(&redis, 20, &agent);
 
@@ -179,6 +179,14 @@ fn redis_holds_the_newest_value_per_key_whatever_the_order_of_arrival() {
     expected.wait_for(&redis, 10, &agent);
     assert!(agent.log().contains("loading it again"), "{}", agent.log());
     assert!(!agent.log().contains("ERROR"), "{}", agent.log());
+
+    // Keys lost while the connection stayed up (a FLUSHDB, say): `wal replay --sink redis` restores them.
+    redis.query::<()>(redis::cmd("DEL").arg(redis.keys()));
+    // (The value someone else wrote is gone with them; the mirror restores its own.)
+    expected.metrics.insert(("p0".into(), "m0".into()), streamed);
+    let replay = agent.command(&["wal", "replay", "--sink", "redis"], "");
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    expected.wait_for(&redis, 10, &agent);
 }
 
 #[test]
