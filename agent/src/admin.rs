@@ -14,6 +14,9 @@ use crate::event::{effective_event_id, Event};
 use crate::forward;
 use crate::metrics::{now_ms, SinkStatus, METRICS};
 
+/// A replay batch that takes longer is abandoned (the command says where to resume).
+const REPLAY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What an operator asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -156,6 +159,22 @@ async fn blocking(
     tokio::task::spawn_blocking(move || f(&context)).await.context("the command's task failed")?
 }
 
+/// Records the WAL stores.
+pub fn stored_records(stats: &telemetry_wal::WalStats) -> u64 {
+    match (stats.first_seq, stats.last_record_seq) {
+        (Some(first), Some(last)) => last + 1 - first,
+        _ => 0,
+    }
+}
+
+/// Stored records after `cursor` (a cursor never set, or behind truncation, counts from the oldest stored).
+pub fn records_after(stats: &telemetry_wal::WalStats, cursor: u64) -> u64 {
+    match (stats.first_seq, stats.last_record_seq) {
+        (Some(first), Some(last)) => last.saturating_sub(cursor.max(first - 1)),
+        _ => 0,
+    }
+}
+
 pub fn wal_report(context: &Context) -> anyhow::Result<WalReport> {
     let wal = &context.wal;
     let stats = wal.stats()?;
@@ -165,10 +184,9 @@ pub fn wal_report(context: &Context) -> anyhow::Result<WalReport> {
         Some(first) => appended_at(first - 1)?,
         None => None,
     };
-    let newest_ms = match stats.last_seq {
-        0 => None,
-        last if stats.first_seq.is_some() => appended_at(last - 1)?,
-        _ => None,
+    let newest_ms = match stats.last_record_seq {
+        Some(last) => appended_at(last - 1)?,
+        None => None,
     };
     let mut sinks = Vec::new();
     for sink in &context.sinks {
@@ -183,7 +201,7 @@ pub fn wal_report(context: &Context) -> anyhow::Result<WalReport> {
     }
     Ok(WalReport {
         dir: wal.dir().display().to_string(),
-        records: stats.first_seq.map_or(0, |first| stats.last_seq + 1 - first),
+        records: stored_records(&stats),
         disk_bytes: stats.disk_bytes,
         live_bytes: stats.live_bytes,
         max_bytes: stats.max_bytes,
@@ -344,16 +362,22 @@ fn dead_letters(
             // Appended again as new records carrying the original event id, so the sinks deduplicate them
             // as the same event; the dead letter goes once the new record is durable.
             let appender = wal.appender();
-            for letter in &chosen {
-                let mut event = Event::decode(&letter.payload)
-                    .map_err(|e| anyhow::anyhow!("dead letter {} {}: {e}; drop it instead", letter.sink, letter.seq))?;
+            for (done, letter) in chosen.iter().enumerate() {
+                let already =
+                    |e: String| anyhow::anyhow!("{e} ({done} of {} were queued again before this)", chosen.len());
+                let mut event = Event::decode(&letter.payload).map_err(|e| {
+                    already(format!("dead letter {} {}: {e}; drop it instead", letter.sink, letter.seq))
+                })?;
                 let event_id = effective_event_id(event.client_event_id(), &context.agent_id, letter.seq);
                 match &mut event {
                     Event::Metric(m) => m.event_id = Some(event_id),
                     Event::Trade(t) => t.event_id = Some(event_id),
                 }
-                let seq = appender.blocking_append(event.encode())?.blocking_durable()?;
-                wal.remove_dead_letter(&letter.sink, letter.seq)?;
+                let seq = appender
+                    .blocking_append(event.encode())
+                    .and_then(|pending| pending.blocking_durable())
+                    .map_err(|e| already(e.to_string()))?;
+                wal.remove_dead_letter(&letter.sink, letter.seq).map_err(|e| already(e.to_string()))?;
                 tracing::info!(sink = letter.sink, seq = letter.seq, new_seq = seq, "dead letter retried");
             }
             out.push(Output::Done { summary: format!("{} dead letters queued again", chosen.len()) });
@@ -408,15 +432,19 @@ async fn replay(
             .collect();
         done += rows.len() as u64;
         // Offset 0: the offset row keeps its value (GREATEST); replay is beside forwarding, not part of it.
-        let written = forward::write_rows(pool, &context.agent_id, &rows, || 0).await.with_context(|| {
-            format!(
-                "writing seqs up to {last} failed; run the replay again from --from {}",
-                rows.first().map_or(last, |r| r.0.seq)
-            )
-        })?;
+        let again = rows.first().map_or(last, |r| r.0.seq);
+        let write = forward::write_rows(pool, &context.agent_id, &rows, || 0);
+        let written = tokio::time::timeout(REPLAY_WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| anyhow::anyhow!("MySQL did not answer within {} s", REPLAY_WRITE_TIMEOUT.as_secs()))
+            .and_then(|result| result.map_err(anyhow::Error::from))
+            .with_context(|| format!("writing seqs up to {last} failed; run the replay again with --from {again}"))?;
         inserted += written.inserted;
         present += written.already_present;
-        let _ = out.send(Output::Progress { done, total, what: "records replayed to MySQL".into() }).await;
+        if out.send(Output::Progress { done, total, what: "records replayed to MySQL".into() }).await.is_err() {
+            tracing::warn!(from, done, inserted, "replay stopped: the operator went away");
+            bail!("stopped");
+        }
     }
     tracing::info!(from, to, inserted, already_present = present, "replayed to MySQL");
     Ok(vec![Output::Done {

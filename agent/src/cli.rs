@@ -184,13 +184,18 @@ fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Sets up logging to stderr; returns how to change the level later (`None` when `RUST_LOG` decides).
 fn init_logging(config: &Config) -> Option<reload::LogLevelSetter> {
+    init_logging_at(None, config)
+}
+
+/// Sets up logging to stderr at `level` (default: the config's); returns how to change the level later
+/// (`None` when `RUST_LOG` decides).
+fn init_logging_at(level: Option<&str>, config: &Config) -> Option<reload::LogLevelSetter> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let from_env = std::env::var_os("RUST_LOG").is_some();
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.agent.log_level))
+        .or_else(|_| EnvFilter::try_new(level.unwrap_or(&config.agent.log_level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     use std::io::IsTerminal;
@@ -256,7 +261,8 @@ async fn serve(
     log_level: Option<reload::LogLevelSetter>,
 ) -> anyhow::Result<()> {
     let ingest = &config.ingest;
-    let listener = ingest::bind(&ingest.socket, config.socket_mode()?, ingest.socket_group.as_deref())?;
+    let listener = ingest::bind(&ingest.socket, config.socket_mode()?, ingest.socket_group.as_deref())
+        .context("[ingest] socket")?;
     let context = Arc::new(IngestContext {
         appender: wal.appender(),
         agent_id: agent_id.clone(),
@@ -430,12 +436,12 @@ fn refresh_gauges(wal: &Wal, sinks: &[&'static str]) {
     METRICS.wal_disk_bytes.set(stats.disk_bytes as i64);
     METRICS.wal_max_bytes.set(stats.max_bytes as i64);
     METRICS.wal_live_bytes.set(stats.live_bytes as i64);
-    METRICS.wal_records.set(stats.first_seq.map_or(0, |first| stats.last_seq + 1 - first) as i64);
+    METRICS.wal_records.set(admin::stored_records(&stats) as i64);
     METRICS.dead_letters.set(stats.dead_letters as i64);
     for &sink in sinks {
         let cursor = wal.cursor(sink).unwrap_or(0);
         let labels = crate::metrics::Sink { sink };
-        METRICS.sink_lag_records.get_or_create(&labels).set(stats.last_seq.saturating_sub(cursor) as i64);
+        METRICS.sink_lag_records.get_or_create(&labels).set(admin::records_after(&stats, cursor) as i64);
         let oldest = wal.read_after(cursor, 1).ok().and_then(|records| records.first().map(|r| r.appended_at_ms));
         let age_ms = oldest.map_or(0, |at| crate::metrics::now_ms().saturating_sub(at));
         METRICS.sink_lag_seconds.get_or_create(&labels).set(age_ms as f64 / 1000.0);
@@ -446,6 +452,9 @@ fn refresh_gauges(wal: &Wal, sinks: &[&'static str]) {
 /// agent answers, and prints its answer.
 fn operate(config_path: Option<&Path>, request: Request, json: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
+    // Without a running agent the command does the work here: its warnings (a dropped dead letter's
+    // reason, say) go to stderr.
+    init_logging_at(Some("warn"), &config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -642,6 +651,8 @@ fn format_status(status: &admin::Status) -> String {
 /// Forwards a WAL copied from another host to MySQL under that host's agent id, until it is caught up.
 fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
+    // The forwarder says here why it waits (MySQL unreachable, schema behind, ...).
+    init_logging_at(Some("warn"), &config);
     if sink != forward::SINK {
         bail!("--wal-dir replays to mysql only");
     }
@@ -651,7 +662,15 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
     }
     let wal = Wal::open(dir, WalOptions { max_bytes: u64::MAX, ..WalOptions::default() })?;
     let Some(agent_id) = wal.label("agent_id")? else { bail!("the WAL in {} has no agent id", dir.display()) };
-    let last = wal.stats()?.last_seq;
+    let stats = wal.stats()?;
+    let Some(last) = stats.last_record_seq else {
+        println!("agent {agent_id}: the WAL in {} holds no records; nothing to replay", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    };
+    // Not the copy's own progress: MySQL may have been restored since. The forwarder resumes after MySQL's
+    // offset for that agent, and rows already present are no-ops.
+    wal.set_cursor(forward::SINK, 0)?;
+    let dead_letters_before = stats.dead_letters;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     let result = runtime.block_on(async {
         let pool = forward::pool(mysql)?;
@@ -660,7 +679,7 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
         let forwarder = Forwarder::new(wal.clone(), pool, agent_id.clone(), settings, mysql.parallel_batches, stop_rx);
         let totals = forwarder.totals();
         let task = tokio::spawn(forwarder.run());
-        let start = wal.cursor(forward::SINK)?;
+        let start = stats.first_seq.unwrap_or(last).saturating_sub(1);
         let bar = indicatif::ProgressBar::new(last.saturating_sub(start));
         eprintln!("replaying {} (agent id {agent_id}) to MySQL up to seq {last}", dir.display());
         loop {
@@ -678,7 +697,10 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
             totals.inserted.load(std::sync::atomic::Ordering::Relaxed),
             totals.already_present.load(std::sync::atomic::Ordering::Relaxed),
         );
-        println!("agent {agent_id}: {inserted} rows inserted, {present} already present; MySQL has everything up to seq {last}");
+        let dead = wal.stats()?.dead_letters.saturating_sub(dead_letters_before);
+        let dead =
+            if dead > 0 { format!(", {dead} refused by MySQL (see wal dead-letters list)") } else { String::new() };
+        println!("agent {agent_id}: {inserted} rows inserted, {present} already present{dead}; up to seq {last}");
         anyhow::Ok(())
     });
     wal.close()?;

@@ -2,16 +2,24 @@
 //! (sled lets only one process open the WAL). One request line per connection, answered by a stream of
 //! [`admin::Output`] lines.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::admin::{self, Output, Request};
 
 /// The longest request line taken.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// Operator commands at once; more wait for their turn.
+const MAX_COMMANDS: usize = 8;
+/// A request must arrive, and each answer line must be taken, within this.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn serve(listener: UnixListener, context: admin::Context, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_COMMANDS));
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -24,7 +32,11 @@ pub async fn serve(listener: UnixListener, context: admin::Context, mut shutdown
             },
             _ = shutdown.changed() => return,
         };
-        tokio::spawn(handle(stream, context.clone()));
+        let (context, slots) = (context.clone(), slots.clone());
+        tokio::spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else { return };
+            handle(stream, context).await;
+        });
     }
 }
 
@@ -48,11 +60,15 @@ async fn handle(stream: UnixStream, context: admin::Context) {
     let (tx, mut rx) = mpsc::channel(1024);
     let task = tokio::spawn(admin::execute(request, context, tx));
     while let Some(output) = rx.recv().await {
-        if write_output(&mut out, &output).await.is_err() {
-            // The operator went away: stop the command (a dump stops at its next event).
-            break;
-        }
-        if rx.is_empty() && out.flush().await.is_err() {
+        let written = async {
+            write_output(&mut out, &output).await?;
+            if rx.is_empty() {
+                out.flush().await?;
+            }
+            std::io::Result::Ok(())
+        };
+        // The operator went away or stopped reading: stop the command (a dump stops at its next event).
+        if !matches!(tokio::time::timeout(IO_TIMEOUT, written).await, Ok(Ok(()))) {
             break;
         }
     }

@@ -402,6 +402,8 @@ impl Shared {
                     problem
                 }
             };
+            // Not an outage (MySQL answers), but not ok either: status and sink_up say so.
+            METRICS.sink_blocked(SINK, &problem);
             if reported.as_deref() != Some(problem.as_str()) {
                 tracing::error!(problem, "not forwarding to MySQL; checking again every 10 s");
                 reported = Some(problem);

@@ -80,13 +80,17 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixL
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    // Created 0600, then widened to `mode`: nobody connects in between with permissions not meant for them.
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(umask);
+    let listener = bound.with_context(|| format!("cannot bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
     if let Some(group) = group {
         let gid = nix::unistd::Group::from_name(group)
             .with_context(|| format!("cannot look up group {group}"))?
-            .with_context(|| format!("[ingest] socket_group: no group named {group}"))?
+            .with_context(|| format!("no group named {group}"))?
             .gid;
         nix::unistd::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {group}", path.display()))?;

@@ -214,6 +214,15 @@ impl Metrics {
         entry.last_error = Some((error.to_string(), now_ms()));
     }
 
+    /// The sink cannot go on until an operator acts (say, a schema to migrate); checked again periodically.
+    pub fn sink_blocked(&self, sink: &'static str, problem: &str) {
+        self.sink_up.get_or_create(&Sink { sink }).set(0);
+        let mut health = self.lock_health();
+        let entry = health.entry(sink).or_default();
+        entry.waiting_since.get_or_insert((Instant::now(), now_ms()));
+        entry.last_error = Some((problem.to_string(), now_ms()));
+    }
+
     /// A write went through.
     pub fn sink_ok(&self, sink: &'static str) {
         self.sink_up.get_or_create(&Sink { sink }).set(1);

@@ -102,6 +102,17 @@ fn status_shows_a_retrying_sink_and_reads_the_wal_when_the_agent_is_stopped() {
     let sink = &status["sinks"][0];
     assert_eq!((sink["sink"].as_str(), sink["state"].as_str()), (Some("mysql"), Some("waiting")), "{status}");
     assert!(sink["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{status}");
+    // Lag counts the records MySQL has not taken (not seqs since 0: a new WAL starts at the time in µs).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&stdout(&agent.command(&["status", "--json"], ""))).unwrap();
+        if status["sinks"][0]["lag_records"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag should be 3 records: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let screen = stdout(&agent.command(&["status"], ""));
     assert!(screen.contains("RETRYING since") && screen.contains("accepting     yes"), "{screen}");
 
@@ -126,6 +137,19 @@ fn status_shows_a_retrying_sink_and_reads_the_wal_when_the_agent_is_stopped() {
         serde_json::from_str(&stdout(&agent.command(&["wal", "stats", "--json"], ""))).unwrap();
     assert_eq!(stats["sinks"][0]["lag_records"], 0, "{stats}");
     assert!(stats["last_seq"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn status_says_when_forwarding_waits_for_a_migration() {
+    let db = TestDb::new();
+    let agent = Agent::start(&mysql_section(&db.url()));
+    agent.wait_for_log("not forwarding to MySQL", 20);
+    let status: serde_json::Value = serde_json::from_str(&stdout(&agent.command(&["status", "--json"], ""))).unwrap();
+    let sink = &status["sinks"][0];
+    assert_eq!(sink["state"], "waiting", "{status}");
+    assert!(sink["last_error"].as_str().is_some_and(|e| e.contains("telemetry-agent migrate")), "{status}");
+    let metrics = scrape(&agent);
+    assert_eq!(sample(&metrics, "telemetry_sink_up", Some(("sink", "mysql"))), 0.0);
 }
 
 #[test]
@@ -201,7 +225,8 @@ fn replay_restores_deleted_rows_without_duplicates() {
 #[test]
 fn a_wal_copied_from_another_host_reaches_mysql_exactly_once() {
     let db = TestDb::migrated();
-    let mut dead_host = Agent::start("[agent]\nid = \"host-b\"\n");
+    // Interval durability: after a reopen its newest seq is a reserved block beyond the last record.
+    let mut dead_host = Agent::start("[agent]\nid = \"host-b\"\n[wal]\ndurability = \"interval\"\n");
     let mut client = dead_host.connect();
     for i in 0..100 {
         assert_eq!(client.request(&metric("p", "m", f64::from(i)))["ok"], true);

@@ -56,7 +56,8 @@ pub struct WalOptions {
     /// The first sequence number of a new WAL (ignored when the WAL already exists).
     pub first_seq: u64,
     /// Keep records this long after they were written even once every gating cursor passed them (so that
-    /// they can be replayed), unless the records stored reach half of `max_bytes`.
+    /// they can be replayed), unless space runs short: records filling an eighth of `max_bytes`, or the
+    /// directory 80% of it.
     pub retain: std::time::Duration,
 }
 
@@ -105,8 +106,11 @@ pub struct DeadLetter {
 pub struct WalStats {
     /// The oldest record still stored, if any.
     pub first_seq: Option<u64>,
-    /// The newest durable record ever written (0 if none).
+    /// The newest durable seq ever handed out (0 if none). In interval mode, after a reopen, this includes the
+    /// seqs reserved (and skipped) for a crash; see `last_record_seq` for the newest record stored.
     pub last_seq: u64,
+    /// The newest record still stored, if any.
+    pub last_record_seq: Option<u64>,
     /// What the directory uses on disk (allocated blocks), as of the last group commit or truncation.
     pub disk_bytes: u64,
     /// Encoded bytes of the records stored; sled needs roughly 2-3 times this on disk.
@@ -365,8 +369,11 @@ impl Wal {
         let durable = *self.inner.shared.durable_seq.borrow();
         upto = upto.min(durable);
         let options = &self.inner.options;
-        let under_pressure =
-            self.inner.shared.live_bytes.load(Ordering::Relaxed).saturating_mul(2) >= options.max_bytes;
+        // Well before appends would be refused (the directory at the cap with records filling a quarter of it):
+        // records reaching an eighth of the cap, or the directory 80% of it.
+        let shared = &self.inner.shared;
+        let under_pressure = shared.live_bytes.load(Ordering::Relaxed).saturating_mul(8) >= options.max_bytes
+            || shared.disk_bytes.load(Ordering::Relaxed).saturating_mul(10) >= options.max_bytes.saturating_mul(8);
         let retain_ms = u64::try_from(options.retain.as_millis()).unwrap_or(u64::MAX);
         let keep_newer_than_ms = (retain_ms > 0 && !under_pressure).then(|| writer::now_ms().saturating_sub(retain_ms));
         let mut batch = sled::Batch::default();
@@ -431,9 +438,18 @@ impl Wal {
         let shared = &self.inner.shared;
         let first = self.inner.records.first().map_err(|e| self.sled_err("read the WAL", e))?;
         let first_seq = first.map(|(key, _)| be_u64(&key));
+        let last_record_seq = match self.inner.records.last().map_err(|e| self.sled_err("read the WAL", e))? {
+            Some((key, value)) => {
+                Some(Chunk::decode(&key, &value).map_err(|reason| self.corrupt(&key, reason))?.last_seq())
+            }
+            None => None,
+        };
+        let durable = *shared.durable_seq.borrow();
         Ok(WalStats {
             first_seq,
-            last_seq: *shared.durable_seq.borrow(),
+            last_seq: durable,
+            // A chunk being written may reach beyond what is durable yet.
+            last_record_seq: last_record_seq.map(|last| last.min(durable)),
             disk_bytes: shared.disk_bytes.load(Ordering::Relaxed),
             live_bytes: shared.live_bytes.load(Ordering::Relaxed),
             max_bytes: self.inner.options.max_bytes,

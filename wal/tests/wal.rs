@@ -126,7 +126,7 @@ fn retention_keeps_passed_records_for_a_while_unless_space_runs_short() {
     wal.close().unwrap();
     drop(wal);
 
-    // Records filling half the cap are dropped whatever their age.
+    // Records filling an eighth of the cap are dropped whatever their age.
     let live = {
         let wal = open(dir.path(), options.clone());
         let seqs = append_all(&wal, std::iter::repeat_n(vec![7u8; 100], 1000));
@@ -135,9 +135,35 @@ fn retention_keeps_passed_records_for_a_while_unless_space_runs_short() {
         wal.close().unwrap();
         live
     };
-    let tight = WalOptions { max_bytes: live * 2, retain: Duration::from_secs(3600), ..options };
+    let tight = WalOptions { max_bytes: live * 8, retain: Duration::from_secs(3600), ..options };
     let wal = open(dir.path(), tight);
     assert_eq!(wal.truncate().unwrap(), 1000);
+}
+
+#[test]
+fn retention_never_makes_appends_fail_when_the_sinks_keep_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        gating_cursors: vec!["mysql".into()],
+        retain: Duration::from_secs(3600),
+        max_bytes: 16 << 20,
+        ..WalOptions::default()
+    };
+    let wal = open(dir.path(), options);
+    let appender = wal.appender();
+    // Three times the cap, in rounds; the sink passes everything after each round.
+    for round in 0..48 {
+        let pending: Vec<_> = (0..1000).map(|_| appender.blocking_append(vec![9u8; 1000]).unwrap()).collect();
+        let mut last = 0;
+        for p in pending {
+            match p.blocking_durable() {
+                Ok(seq) => last = seq,
+                Err(e) => panic!("round {round}: {e}; stats {:?}", wal.stats().unwrap()),
+            }
+        }
+        wal.set_cursor("mysql", last).unwrap();
+        wal.truncate().unwrap();
+    }
 }
 
 #[test]
