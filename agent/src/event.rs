@@ -358,29 +358,43 @@ fn abbreviate(text: &str) -> String {
 /// The WAL payload: a format byte, then bincode. A later release adds a version and keeps reading this one.
 const EVENT_FORMAT_V1: u8 = 1;
 
+/// `format` then bincode: what the agent stores (events in the WAL, the mirror's table entries).
+pub(crate) fn encode_versioned(format: u8, value: &impl Serialize) -> Vec<u8> {
+    let mut out = vec![format];
+    // Serializing owned strings and numbers into a Vec cannot fail.
+    if let Err(e) = bincode::serialize_into(&mut out, value) {
+        unreachable!("bincode failed to serialize into memory: {e}");
+    }
+    out
+}
+
+/// Reads what [`encode_versioned`] wrote with `format`; `what` names it in errors.
+pub(crate) fn decode_versioned<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    format: u8,
+    what: &str,
+) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&version, body)) if version == format => {
+            use bincode::Options;
+            bincode::DefaultOptions::new()
+                .with_fixint_encoding()
+                .with_limit(body.len() as u64)
+                .deserialize(body)
+                .map_err(|e| format!("undecodable {what}: {e}"))
+        }
+        Some((version, _)) => Err(format!("unknown {what} format version {version}")),
+        None => Err(format!("empty {what}")),
+    }
+}
+
 impl Event {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![EVENT_FORMAT_V1];
-        // Serializing owned strings and numbers into a Vec cannot fail.
-        if let Err(e) = bincode::serialize_into(&mut out, self) {
-            unreachable!("bincode failed to serialize an event into memory: {e}");
-        }
-        out
+        encode_versioned(EVENT_FORMAT_V1, self)
     }
 
     pub fn decode(payload: &[u8]) -> Result<Event, String> {
-        match payload.split_first() {
-            Some((&EVENT_FORMAT_V1, body)) => {
-                use bincode::Options;
-                bincode::DefaultOptions::new()
-                    .with_fixint_encoding()
-                    .with_limit(body.len() as u64)
-                    .deserialize(body)
-                    .map_err(|e| format!("undecodable event: {e}"))
-            }
-            Some((version, _)) => Err(format!("unknown event format version {version}")),
-            None => Err("empty payload".into()),
-        }
+        decode_versioned(payload, EVENT_FORMAT_V1, "event")
     }
 
     pub fn profile_id(&self) -> &str {

@@ -22,7 +22,7 @@ use telemetry_wal::{Record, Table, Wal};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{mask_url, read_secret_file, RedisConfig};
-use crate::event::{effective_event_id, rfc3339_us, Event, Trade};
+use crate::event::{decode_versioned, effective_event_id, encode_versioned, rfc3339_us, Event, Trade};
 use crate::metrics::METRICS;
 
 pub const SINK: &str = "redis";
@@ -155,26 +155,11 @@ impl Latest {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = vec![LATEST_FORMAT_V1];
-        if let Err(e) = bincode::serialize_into(&mut out, self) {
-            unreachable!("bincode failed to serialize into memory: {e}");
-        }
-        out
+        encode_versioned(LATEST_FORMAT_V1, self)
     }
 
     fn decode(bytes: &[u8]) -> Result<Latest, String> {
-        match bytes.split_first() {
-            Some((&LATEST_FORMAT_V1, body)) => {
-                use bincode::Options;
-                bincode::DefaultOptions::new()
-                    .with_fixint_encoding()
-                    .with_limit(body.len() as u64)
-                    .deserialize(body)
-                    .map_err(|e| format!("undecodable table entry: {e}"))
-            }
-            Some((version, _)) => Err(format!("unknown table entry format {version}")),
-            None => Err("empty table entry".into()),
-        }
+        decode_versioned(bytes, LATEST_FORMAT_V1, "table entry")
     }
 }
 
@@ -766,7 +751,7 @@ mod tests {
         assert_eq!(Latest::decode(&a.encode()).unwrap(), a);
         let b = Latest::Metric { name: "n".into(), profile_id: "p".into(), value: 2.0, ts_us: 10, seq: 8 };
         assert!(b.order() > a.order());
-        assert!(Latest::decode(&[9, 1, 2]).unwrap_err().contains("format 9"));
+        assert!(Latest::decode(&[9, 1, 2]).unwrap_err().contains("format version 9"));
         assert_ne!(metric_key("ab", "c"), metric_key("a", "bc"));
     }
 
