@@ -238,6 +238,7 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         ),
     }
 
+    raise_open_file_limit(config.ingest.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     let reload_from = Config::resolve_path(config_path);
     let result = runtime.block_on(serve(&config, &wal, agent_id, reload_from, log_level));
@@ -361,6 +362,27 @@ async fn serve(
     let _ = std::fs::remove_file(&ingest.socket);
     let _ = std::fs::remove_file(&config.control.socket);
     Ok(())
+}
+
+/// Every connection is a file descriptor: raise the soft limit to the hard one, and say so if
+/// `max_connections` still does not fit (the kernel would refuse connections before the agent's limit).
+fn raise_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+        }
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
+    // The WAL, the sinks' connections and the listeners need some too.
+    if (max_connections as u64).saturating_add(256) > limit {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = limit,
+            "[ingest] max_connections does not fit the open-file limit; raise it (LimitNOFILE=) or lower max_connections"
+        );
+    }
 }
 
 async fn shutdown_signal() {

@@ -200,7 +200,7 @@ impl Default for IngestConfig {
             socket_mode: "0660".into(),
             socket_group: None,
             max_line_bytes: 64 * 1024,
-            max_connections: 4096,
+            max_connections: 16384,
             idle_timeout_secs: 0,
             max_pending_per_connection: 128,
             overload_timeout_ms: 2000,
@@ -465,6 +465,7 @@ mod tests {
         assert_eq!(example.wal.cache_bytes, defaults.wal.cache_bytes);
         assert_eq!(example.wal.durability, defaults.wal.durability);
         assert_eq!(example.wal.retain_secs, defaults.wal.retain_secs);
+        assert_eq!(example.ingest.max_connections, defaults.ingest.max_connections);
     }
 
     #[test]
