@@ -38,7 +38,7 @@ fn hostile_clients_do_not_stop_a_well_behaved_one_and_memory_stays_bounded() {
     agent.restart();
     let pid = agent.pid();
     let mut good = agent.connect();
-    let mut good_seq = |good: &mut common::Client, i: u32| {
+    let good_seq = |good: &mut common::Client, i: u32| {
         let answer = good.request(&metric("good", "m", f64::from(i)));
         assert_eq!(answer["ok"], true, "the well-behaved client was refused: {answer}");
     };
