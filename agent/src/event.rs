@@ -570,6 +570,17 @@ mod tests {
     }
 
     #[test]
+    fn a_value_keeps_its_exact_double_through_a_dump_and_resend() {
+        // Found by the protocol_line fuzz target: without serde_json's float_roundtrip, this literal and
+        // the shortest rendering of what it parsed to parse to different doubles.
+        let digits = format!("{}10234.05", "9".repeat(120));
+        let line = format!(r#"{{"kind":"metric","profile_id":"p","name":"n","value":{digits}}}"#);
+        let event = parse_line(line.as_bytes(), 0).unwrap();
+        let again = parse_line(event.to_json(None).as_bytes(), 0).unwrap();
+        assert_eq!(again, event);
+    }
+
+    #[test]
     fn json_nesting_is_bounded() {
         assert_eq!(json_depth(r#"{"a":{"b":[1,"]]]{{"]}}"#), 3);
         let deep = |n: usize| format!("{}1{}", r#"{"a":"#.repeat(n), "}".repeat(n));
