@@ -24,17 +24,20 @@ const BASE_TS_MS: i64 = 1_795_000_000_000;
 /// One event a client sent: (profile, metric, value, ts in ms).
 type Sent = (String, String, i64, i64);
 
-/// Sends `line` until the agent acks it, over `conn` (reconnecting as needed). False when `stop` is set
-/// before an ack arrives.
+/// The seq each event was acked with.
+static ACK_SEQS: Mutex<Option<HashMap<String, u64>>> = Mutex::new(None);
+
+/// Sends `line` until the agent acks it, over `conn` (reconnecting as needed), and returns the ack's seq;
+/// `None` when `stop` is set before an ack arrives.
 fn send_until_acked(
     socket: &Path,
     conn: &mut Option<(UnixStream, BufReader<UnixStream>)>,
     line: &str,
     stop: &AtomicBool,
-) -> bool {
+) -> Option<u64> {
     loop {
         if stop.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         if conn.is_none() {
             match UnixStream::connect(socket) {
@@ -59,7 +62,8 @@ fn send_until_acked(
             continue;
         }
         if answer.starts_with("{\"ok\":true") {
-            return true;
+            let ack: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+            return Some(ack["seq"].as_u64().unwrap_or(0));
         }
         // overloaded, shutting_down, wal_full: retry shortly.
         std::thread::sleep(Duration::from_millis(20));
@@ -102,7 +106,8 @@ fn acked_events_survive_kill_9_and_connection_cuts_exactly_once() {
                         r#"{{"kind":"metric","profile_id":"{profile}","name":"{name}","value":{i},"ts":{ts},"event_id":"{id}"}}"#
                     );
                     sent_ids.lock().unwrap().insert(id.clone());
-                    if send_until_acked(socket, &mut conn, &line, stop) {
+                    if let Some(seq) = send_until_acked(socket, &mut conn, &line, stop) {
+                        ACK_SEQS.lock().unwrap().get_or_insert_with(HashMap::new).insert(id.clone(), seq);
                         acked.lock().unwrap().insert(id, (profile, name, i, ts));
                     }
                     i += 1;
