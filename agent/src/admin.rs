@@ -124,7 +124,7 @@ pub struct DeadLetterView {
 pub struct Context {
     pub wal: Wal,
     pub agent_id: String,
-    pub sinks: Vec<String>,
+    pub sinks: Vec<&'static str>,
     pub mysql: Option<mysql_async::Pool>,
     /// The running agent's Redis mirror.
     pub redis: Option<crate::mirror::Resync>,
@@ -136,7 +136,9 @@ pub struct Context {
 pub async fn execute(request: Request, context: Context, out: mpsc::Sender<Output>) {
     let result = match request {
         Request::Status => status(&context).await.map(|s| vec![Output::Status(s)]),
-        Request::WalStats => blocking(&context, |c| wal_report(c).map(|r| vec![Output::WalStats(r)])).await,
+        Request::WalStats => {
+            blocking(&context, |c| wal_report(&c.wal, &c.sinks).map(|r| vec![Output::WalStats(r)])).await
+        }
         Request::Dump(filter) => dump(&context, filter, &out).await,
         Request::DeadLetters { action, sink, seqs, reason } => {
             blocking(&context, move |c| dead_letters(c, action, sink.as_deref(), &seqs, reason.as_deref())).await
@@ -160,7 +162,7 @@ async fn blocking(
 }
 
 /// Records the WAL stores.
-pub fn stored_records(stats: &telemetry_wal::WalStats) -> u64 {
+fn stored_records(stats: &telemetry_wal::WalStats) -> u64 {
     match (stats.first_seq, stats.last_record_seq) {
         (Some(first), Some(last)) => last + 1 - first,
         _ => 0,
@@ -168,15 +170,15 @@ pub fn stored_records(stats: &telemetry_wal::WalStats) -> u64 {
 }
 
 /// Stored records after `cursor` (a cursor never set, or behind truncation, counts from the oldest stored).
-pub fn records_after(stats: &telemetry_wal::WalStats, cursor: u64) -> u64 {
+fn records_after(stats: &telemetry_wal::WalStats, cursor: u64) -> u64 {
     match (stats.first_seq, stats.last_record_seq) {
         (Some(first), Some(last)) => last.saturating_sub(cursor.max(first - 1)),
         _ => 0,
     }
 }
 
-pub fn wal_report(context: &Context) -> anyhow::Result<WalReport> {
-    let wal = &context.wal;
+/// The WAL's size, age and each sink's lag.
+pub fn wal_report(wal: &Wal, sinks: &[&'static str]) -> anyhow::Result<WalReport> {
     let stats = wal.stats()?;
     let appended_at =
         |after: u64| -> anyhow::Result<Option<u64>> { Ok(wal.read_after(after, 1)?.first().map(|r| r.appended_at_ms)) };
@@ -188,16 +190,11 @@ pub fn wal_report(context: &Context) -> anyhow::Result<WalReport> {
         Some(last) => appended_at(last - 1)?,
         None => None,
     };
-    let mut sinks = Vec::new();
-    for sink in &context.sinks {
+    let mut lags = Vec::new();
+    for sink in sinks {
         let cursor = wal.cursor(sink)?;
         let lag_seconds = appended_at(cursor)?.map_or(0.0, |at| now_ms().saturating_sub(at) as f64 / 1000.0);
-        sinks.push(SinkLag {
-            sink: sink.clone(),
-            cursor,
-            lag_records: stats.last_seq.saturating_sub(cursor),
-            lag_seconds,
-        });
+        lags.push(SinkLag { sink: sink.to_string(), cursor, lag_records: records_after(&stats, cursor), lag_seconds });
     }
     Ok(WalReport {
         dir: wal.dir().display().to_string(),
@@ -209,13 +206,13 @@ pub fn wal_report(context: &Context) -> anyhow::Result<WalReport> {
         last_seq: stats.last_seq,
         oldest_ms,
         newest_ms,
-        sinks,
+        sinks: lags,
         dead_letters: stats.dead_letters,
     })
 }
 
 async fn status(context: &Context) -> anyhow::Result<Status> {
-    let wal = blocking(context, |c| wal_report(c).map(|r| vec![Output::WalStats(r)])).await?;
+    let wal = blocking(context, |c| wal_report(&c.wal, &c.sinks).map(|r| vec![Output::WalStats(r)])).await?;
     let Some(Output::WalStats(wal)) = wal.into_iter().next() else { bail!("no WAL report") };
     let running = context.running;
     let errors = if running {

@@ -221,7 +221,7 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         durability,
         max_bytes: config.wal.max_bytes,
         cache_bytes: config.wal.cache_bytes,
-        gating_cursors: config.enabled_sinks(),
+        gating_cursors: config.enabled_sinks().into_iter().map(String::from).collect(),
         // A new WAL starts at the current time in microseconds, so that a host whose WAL was wiped never
         // reuses a generated event id (`{agent_id}-{seq}`) that MySQL already holds.
         first_seq: u64::try_from(now_us()).unwrap_or(1),
@@ -278,7 +278,7 @@ async fn serve(
         true => Some(http::bind(&config.http.listen).await?),
         false => None,
     };
-    let http_addr = http.as_ref().and_then(http::local_addr);
+    let http_addr = http.as_ref().and_then(|listener| listener.local_addr().ok());
     let pool = config.mysql.as_ref().map(forward::pool).transpose()?;
     // Live settings: a config reload sends new values here.
     let forward_settings = watch::Sender::new(ForwardSettings::from(&config.mysql.clone().unwrap_or_default()));
@@ -330,17 +330,13 @@ async fn serve(
         };
         tokio::spawn(reload::run(path, config.clone(), live, stop_rx.clone()));
     }
-    let sinks: Vec<&'static str> =
-        [config.mysql.as_ref().map(|_| forward::SINK), config.redis.as_ref().map(|_| mirror::SINK)]
-            .into_iter()
-            .flatten()
-            .collect();
+    let sinks = config.enabled_sinks();
     tracing::info!(
         agent_id,
         http = http_addr.map(|a| a.to_string()),
         socket = %ingest.socket.display(),
         wal = %config.wal.dir.display(),
-        sinks = ?config.enabled_sinks(),
+        ?sinks,
         "telemetry-agent ready"
     );
     // Under systemd (Type=notify): the WAL is open and the socket bound. Elsewhere this does nothing.
@@ -454,19 +450,16 @@ async fn housekeeping(wal: &Wal, sinks: &[&'static str], pool: Option<&mysql_asy
 
 /// WAL size and each sink's lag, for `/metrics` and `status`.
 fn refresh_gauges(wal: &Wal, sinks: &[&'static str]) {
-    let Ok(stats) = wal.stats() else { return };
-    METRICS.wal_disk_bytes.set(stats.disk_bytes as i64);
-    METRICS.wal_max_bytes.set(stats.max_bytes as i64);
-    METRICS.wal_live_bytes.set(stats.live_bytes as i64);
-    METRICS.wal_records.set(admin::stored_records(&stats) as i64);
-    METRICS.dead_letters.set(stats.dead_letters as i64);
-    for &sink in sinks {
-        let cursor = wal.cursor(sink).unwrap_or(0);
+    let Ok(report) = admin::wal_report(wal, sinks) else { return };
+    METRICS.wal_disk_bytes.set(report.disk_bytes as i64);
+    METRICS.wal_max_bytes.set(report.max_bytes as i64);
+    METRICS.wal_live_bytes.set(report.live_bytes as i64);
+    METRICS.wal_records.set(report.records as i64);
+    METRICS.dead_letters.set(report.dead_letters as i64);
+    for (&sink, lag) in sinks.iter().zip(&report.sinks) {
         let labels = crate::metrics::Sink { sink };
-        METRICS.sink_lag_records.get_or_create(&labels).set(admin::records_after(&stats, cursor) as i64);
-        let oldest = wal.read_after(cursor, 1).ok().and_then(|records| records.first().map(|r| r.appended_at_ms));
-        let age_ms = oldest.map_or(0, |at| crate::metrics::now_ms().saturating_sub(at));
-        METRICS.sink_lag_seconds.get_or_create(&labels).set(age_ms as f64 / 1000.0);
+        METRICS.sink_lag_records.get_or_create(&labels).set(lag.lag_records as i64);
+        METRICS.sink_lag_seconds.get_or_create(&labels).set(lag.lag_seconds);
     }
 }
 

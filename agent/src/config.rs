@@ -370,15 +370,8 @@ impl Config {
     }
 
     /// The sinks that are configured, by their WAL cursor name.
-    pub fn enabled_sinks(&self) -> Vec<String> {
-        let mut sinks = Vec::new();
-        if self.mysql.is_some() {
-            sinks.push("mysql".to_string());
-        }
-        if self.redis.is_some() {
-            sinks.push("redis".to_string());
-        }
-        sinks
+    pub fn enabled_sinks(&self) -> Vec<&'static str> {
+        [self.mysql.as_ref().map(|_| "mysql"), self.redis.as_ref().map(|_| "redis")].into_iter().flatten().collect()
     }
 
     /// The effective configuration as TOML, with passwords masked.

@@ -2,7 +2,6 @@
 //! and `/readyz` (events are being accepted: the WAL is neither failed nor full).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -79,7 +78,7 @@ pub fn not_ready(wal: &Wal) -> Option<String> {
         return Some(format!("WAL failed: {failure}"));
     }
     match wal.stats() {
-        Ok(stats) if stats.disk_bytes >= stats.max_bytes && stats.live_bytes.saturating_mul(4) >= stats.max_bytes => {
+        Ok(stats) if stats.is_full() => {
             Some(format!("WAL full: {} of {} bytes; clients get wal_full", stats.disk_bytes, stats.max_bytes))
         }
         Ok(_) => None,
@@ -91,8 +90,4 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
-}
-
-pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }

@@ -113,6 +113,9 @@ fn status_shows_a_retrying_sink_and_reads_the_wal_when_the_agent_is_stopped() {
         assert!(Instant::now() < deadline, "lag should be 3 records: {status}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let stats: serde_json::Value =
+        serde_json::from_str(&stdout(&agent.command(&["wal", "stats", "--json"], ""))).unwrap();
+    assert_eq!(stats["sinks"][0]["lag_records"], 3, "{stats}");
     let screen = stdout(&agent.command(&["status"], ""));
     assert!(screen.contains("RETRYING since") && screen.contains("accepting     yes"), "{screen}");
 

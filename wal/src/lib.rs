@@ -124,6 +124,13 @@ pub struct WalStats {
     pub dead_letters: u64,
 }
 
+impl WalStats {
+    /// Whether appends are refused with [`WalError::Full`] now (one more byte would not fit).
+    pub fn is_full(&self) -> bool {
+        writer::at_cap(self.disk_bytes + 1, self.live_bytes + 1, self.max_bytes)
+    }
+}
+
 /// A WAL opened by this process. Cheap to clone; every clone is the same log.
 #[derive(Clone)]
 pub struct Wal {

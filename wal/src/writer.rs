@@ -22,6 +22,11 @@ const MAX_GROUP_BYTES: usize = 8 << 20;
 const CHUNK_TARGET_BYTES: usize = 4 * 1024;
 /// See `WalOptions::max_bytes`.
 const LIVE_FRACTION_AT_CAP: u64 = 4;
+
+/// Whether appends are refused: the directory at the cap and the records stored filling a quarter of it.
+pub(crate) fn at_cap(disk_bytes: u64, live_bytes: u64, max_bytes: u64) -> bool {
+    disk_bytes >= max_bytes && live_bytes >= max_bytes / LIVE_FRACTION_AT_CAP
+}
 /// In interval mode, seqs are leased durably this many at a time so that none is handed out twice.
 const LEASE_STEP: u64 = 1 << 20;
 
@@ -114,8 +119,7 @@ impl Writer {
         let mut accepted_payloads: Vec<&[u8]> = Vec::with_capacity(payloads.len());
         for (waiter, payload) in waiters.drain(..).zip(payloads.iter()) {
             let after = group_bytes + payload.len() as u64;
-            let full = used + after >= self.max_bytes && live + after >= self.max_bytes / LIVE_FRACTION_AT_CAP;
-            if full {
+            if at_cap(used + after, live + after, self.max_bytes) {
                 let _ = waiter.send(Err(WalError::Full { used, max: self.max_bytes }));
             } else {
                 group_bytes = after;
