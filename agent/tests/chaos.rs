@@ -88,13 +88,13 @@ fn acked_events_survive_kill_9_and_connection_cuts_exactly_once() {
     let socket: PathBuf = agent.socket.clone();
     let stop = AtomicBool::new(false);
     let acked: Mutex<HashMap<String, Sent>> = Mutex::new(HashMap::new());
-    let sent_ids: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    let sent: Mutex<HashMap<String, Sent>> = Mutex::new(HashMap::new());
     let kills = AtomicU64::new(0);
     let cuts = AtomicU64::new(0);
 
     std::thread::scope(|scope| {
         for c in 0..clients {
-            let (socket, stop, acked, sent_ids) = (&socket, &stop, &acked, &sent_ids);
+            let (socket, stop, acked, sent) = (&socket, &stop, &acked, &sent);
             scope.spawn(move || {
                 let mut conn = None;
                 let mut i = 0i64;
@@ -105,7 +105,7 @@ fn acked_events_survive_kill_9_and_connection_cuts_exactly_once() {
                     let line = format!(
                         r#"{{"kind":"metric","profile_id":"{profile}","name":"{name}","value":{i},"ts":{ts},"event_id":"{id}"}}"#
                     );
-                    sent_ids.lock().unwrap().insert(id.clone());
+                    sent.lock().unwrap().insert(id.clone(), (profile.clone(), name.clone(), i, ts));
                     if let Some(seq) = send_until_acked(socket, &mut conn, &line, stop) {
                         ACK_SEQS.lock().unwrap().get_or_insert_with(HashMap::new).insert(id.clone(), seq);
                         acked.lock().unwrap().insert(id, (profile, name, i, ts));
@@ -141,7 +141,7 @@ fn acked_events_survive_kill_9_and_connection_cuts_exactly_once() {
 
     // Everything acked reaches MySQL.
     let acked = acked.into_inner().unwrap();
-    let sent_ids = sent_ids.into_inner().unwrap();
+    let sent = sent.into_inner().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let stored: HashSet<String> = db.query::<String>("SELECT event_id FROM dd_metrics").into_iter().collect();
@@ -164,6 +164,17 @@ fn acked_events_survive_kill_9_and_connection_cuts_exactly_once() {
                 .collect();
             let found: Vec<(&String, Option<&u64>)> =
                 missing.iter().take(10).map(|id| (*id, in_wal.get(*id))).collect();
+            // Which rows hold the seqs the missing events were acked with: another event (a seq handed out
+            // twice) or none (a window never written)?
+            let ack_seqs = ACK_SEQS.lock().unwrap().clone().unwrap_or_default();
+            let mut seqs: Vec<u64> = missing.iter().filter_map(|id| ack_seqs.get(*id).copied()).collect();
+            seqs.sort_unstable();
+            for seq in seqs.iter().take(10) {
+                let holders: Vec<(String, String)> =
+                    db.query(&format!("SELECT event_id, agent_id FROM dd_metrics WHERE wal_seq = {seq}"));
+                eprintln!("missing event acked with seq {seq}; rows with that wal_seq: {holders:?}");
+            }
+            eprintln!("missing acked seqs: {:?} .. {:?} ({} of them)", seqs.first(), seqs.last(), seqs.len());
             panic!(
                 "{} acked events missing from MySQL after 120 s; MySQL offset {offset:?}, mysql cursor {cursor},                  WAL {stats:?}; first missing with their WAL seq: {found:?}\n{}",
                 missing.len(),
@@ -177,34 +188,48 @@ fn acked_events_survive_kill_9_and_connection_cuts_exactly_once() {
     let (mut duplicated, mut wrong, mut never_sent) = (0, 0, 0);
     for (id, profile, name, value) in &rows {
         duplicated += usize::from(!seen.insert(id.clone()));
-        never_sent += usize::from(!sent_ids.contains(id));
+        never_sent += usize::from(!sent.contains_key(id));
         if let Some((p, n, v, _)) = acked.get(id) {
             wrong += usize::from(p != profile || n != name || *v as f64 != *value);
         }
     }
     let lost = acked.keys().filter(|id| !seen.contains(*id)).count();
 
-    // Redis: the newest acked value per (profile, metric).
-    let mut newest: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-    for (profile, name, value, ts) in acked.values() {
-        let kept = newest.entry((profile.clone(), name.clone())).or_insert((*ts, *value));
-        if *ts > kept.0 {
-            *kept = (*ts, *value);
-        }
+    // Redis: the newest acked value per (profile, metric), or a newer one that was sent and whose ack was lost
+    // (stored, but the client stopped before it heard back).
+    let mut newest: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for (profile, name, _, ts) in acked.values() {
+        let kept = newest.entry((profile.clone(), name.clone())).or_insert(*ts);
+        *kept = (*kept).max(*ts);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let redis_wrong = loop {
-        let wrong = newest
+    let sent_values: HashSet<(String, String, String, String)> = sent
+        .values()
+        .map(|(profile, name, value, ts)| (profile.clone(), name.clone(), value.to_string(), ts.to_string()))
+        .collect();
+    let stale = || -> Vec<String> {
+        newest
             .iter()
-            .filter(|((profile, name), (_, value))| {
-                redis.hash(&format!("{profile}:metrics")).get(name) != Some(&value.to_string())
+            .filter_map(|((profile, name), newest_ts)| {
+                let value = redis.hash(&format!("{profile}:metrics")).get(name).cloned().unwrap_or_default();
+                let ts = redis.hash(&format!("{profile}:metrics_ts")).get(name).cloned().unwrap_or_default();
+                let ok = ts.parse::<i64>().is_ok_and(|ts| ts >= *newest_ts)
+                    && sent_values.contains(&(profile.clone(), name.clone(), value.clone(), ts.clone()));
+                (!ok).then(|| format!("{profile}/{name}: Redis has {value:?} at {ts:?}, newest acked at {newest_ts}"))
             })
-            .count();
-        if wrong == 0 || Instant::now() > deadline {
-            break wrong;
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let redis_stale = loop {
+        let stale = stale();
+        if stale.is_empty() || Instant::now() > deadline {
+            break stale;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    let redis_wrong = redis_stale.len();
+    if redis_wrong > 0 {
+        eprintln!("stale in Redis: {redis_stale:#?}");
+    }
     println!(
         "chaos: {} events acked, {} faults ({} kill -9, {} cuts/stalls), {lost} lost, {duplicated} duplicated, \
          {wrong} wrong values, {never_sent} never sent, {redis_wrong} stale in Redis, max MySQL connections {}",
