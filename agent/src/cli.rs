@@ -108,6 +108,10 @@ enum WalCommand {
         #[arg(long, conflicts_with_all = ["from", "to"])]
         wal_dir: Option<PathBuf>,
     },
+    /// Make a WAL the agent refused as damaged usable again: keep every intact record, drop damaged chunks,
+    /// accept (and print) the loss of what sled no longer has, and never hand out a lost seq again. Stop the
+    /// agent first.
+    Salvage,
     /// Records a sink could not deliver: list them, retry them (after a fix) or drop them with a reason.
     DeadLetters {
         action: DeadLetterAction,
@@ -143,6 +147,7 @@ pub fn main(cli: Cli) -> ExitCode {
             WalCommand::DeadLetters { action, sink, seqs, reason, json } => {
                 operate(config.as_deref(), Request::DeadLetters { action, sink, seqs, reason }, json)
             }
+            WalCommand::Salvage => salvage(config.as_deref()),
         },
     };
     match result {
@@ -209,15 +214,13 @@ fn init_logging_at(level: Option<&str>, config: &Config) -> Option<reload::LogLe
     (!from_env).then_some(set)
 }
 
-fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let config = Config::load(config_path)?;
-    let log_level = init_logging(&config);
-    let agent_id = config.agent_id()?;
+/// The WAL as `run` opens it.
+fn wal_options(config: &Config) -> WalOptions {
     let durability = match config.wal.durability {
         DurabilityMode::Fsync => Durability::Fsync,
         DurabilityMode::Interval => Durability::Interval { interval_ms: config.wal.flush_interval_ms },
     };
-    let options = WalOptions {
+    WalOptions {
         durability,
         max_bytes: config.wal.max_bytes,
         cache_bytes: config.wal.cache_bytes,
@@ -226,8 +229,61 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
         // reuses a generated event id (`{agent_id}-{seq}`) that MySQL already holds.
         first_seq: u64::try_from(now_us()).unwrap_or(1),
         retain: Duration::from_secs(config.wal.retain_secs),
+    }
+}
+
+/// Opens a WAL; a damaged one is refused with what to do about it.
+fn open_wal(dir: &Path, options: WalOptions, config_path: Option<&Path>) -> anyhow::Result<Wal> {
+    Wal::open(dir, options).map_err(|e| open_error(e, dir, config_path))
+}
+
+fn open_error(e: telemetry_wal::WalError, dir: &Path, config_path: Option<&Path>) -> anyhow::Error {
+    if !matches!(e, telemetry_wal::WalError::Corrupt { .. }) {
+        return e.into();
+    }
+    let config = config_path.map(|p| format!(" --config {}", p.display())).unwrap_or_default();
+    anyhow::anyhow!(
+        "{e}. Nothing was forwarded from it. Run `telemetry-agent wal salvage{config}` to keep every intact record \
+         and go on (what is lost is printed and logged), or move {} aside to start empty",
+        dir.display()
+    )
+}
+
+fn salvage(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    init_logging_at(Some("warn"), &config);
+    let dir = &config.wal.dir;
+    if !dir.join("sled").exists() {
+        bail!("there is no WAL at {}; is --config right?", dir.display());
+    }
+    let salvage = match Wal::salvage(dir, &wal_options(&config)) {
+        Err(telemetry_wal::WalError::Locked { holder, .. }) => {
+            bail!("the agent (pid {holder}) holds the WAL in {}; stop it first", dir.display())
+        }
+        result => result?,
     };
-    let wal = Wal::open(&config.wal.dir, options)?;
+    println!("kept {} intact records", salvage.kept_records);
+    for (first_seq, bytes) in &salvage.damaged_chunks {
+        println!("dropped a damaged chunk starting at seq {first_seq} ({bytes} bytes)");
+    }
+    match salvage.lost {
+        Some(lost) => println!(
+            "lost {} acknowledged records that sled no longer had: seqs {}..={}",
+            lost.last - lost.first + 1,
+            lost.first,
+            lost.last
+        ),
+        None => println!("no acknowledged record is missing beyond the damaged chunks"),
+    }
+    println!("new records start after seq {}; the agent can start again", salvage.next_seq_after);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let log_level = init_logging(&config);
+    let agent_id = config.agent_id()?;
+    let wal = open_wal(&config.wal.dir, wal_options(&config), config_path)?;
     match wal.label("agent_id")? {
         None => wal.set_label("agent_id", &agent_id)?,
         Some(stored) if stored == agent_id => {}
@@ -483,7 +539,7 @@ fn operate(config_path: Option<&Path>, request: Request, json: bool) -> anyhow::
                 tokio::spawn(relay(stream, request, tx));
             }
             Err(connect_error) => {
-                let context = direct_context(&config, &connect_error)?;
+                let context = direct_context(&config, config_path, &connect_error)?;
                 tokio::spawn(admin::execute(request, context, tx));
             }
         }
@@ -513,7 +569,11 @@ async fn relay(stream: UnixStream, request: String, tx: tokio::sync::mpsc::Sende
 }
 
 /// No agent answers: open the WAL ourselves (which fails if an agent holds it after all).
-fn direct_context(config: &Config, connect_error: &std::io::Error) -> anyhow::Result<admin::Context> {
+fn direct_context(
+    config: &Config,
+    config_path: Option<&Path>,
+    connect_error: &std::io::Error,
+) -> anyhow::Result<admin::Context> {
     let dir = &config.wal.dir;
     if !dir.join("sled").exists() {
         bail!(
@@ -531,7 +591,7 @@ fn direct_context(config: &Config, connect_error: &std::io::Error) -> anyhow::Re
             dir.display(),
             config.control.socket.display()
         ),
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(open_error(e, dir, config_path)),
     };
     let agent_id = match wal.label("agent_id")? {
         Some(id) => id,

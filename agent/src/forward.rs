@@ -255,6 +255,9 @@ impl Forwarder {
                     return Ok(batch);
                 }
                 bytes += record.payload.len();
+                if last != 0 && record.seq != last + 1 {
+                    tracing::warn!(after_seq = last, next_seq = record.seq, "DIAG: the WAL read jumps");
+                }
                 last = record.seq;
                 batch.push(record);
             }
@@ -479,6 +482,7 @@ impl Shared {
                         inserted = written.inserted,
                         first_seq = rows[lo].0.seq,
                         last_seq = rows[hi - 1].0.seq,
+                        offset = written.offset,
                         ms = started.elapsed().as_millis() as u64,
                         "batch committed"
                     );

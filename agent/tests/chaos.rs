@@ -79,12 +79,16 @@ fn acked_events_survive_kill_9_and_connection_cuts_exactly_once() {
     let redis = TestRedis::new();
     let mysql_proxy = FaultProxy::start(TestDb::server_addr());
     let redis_proxy = FaultProxy::start(redis.addr());
-    let mut agent = Agent::start(&format!(
+    let mut agent = Agent::configure(&format!(
         "[mysql]\nurl = {:?}\npool_size = 4\nmax_linger_ms = 20\nretry_initial_ms = 20\nretry_max_ms = 500\n\
          write_timeout_ms = 3000\n{}retry_max_ms = 500\nresponse_timeout_ms = 500\n",
         db.url_via(mysql_proxy.port),
         redis.section(&redis.url_via(redis_proxy.port))
     ));
+    if let Ok(filter) = std::env::var("CHAOS_RUST_LOG") {
+        agent.env.push(("RUST_LOG".into(), filter));
+    }
+    agent.restart();
     let socket: PathBuf = agent.socket.clone();
     let stop = AtomicBool::new(false);
     let acked: Mutex<HashMap<String, Sent>> = Mutex::new(HashMap::new());

@@ -334,3 +334,52 @@ fn a_reload_changes_the_batch_size_live_names_restart_only_keys_and_rejects_a_br
     assert!(agent.log().contains("only after a restart"), "{}", agent.log());
     assert_eq!(client.request(&metric("p", "m", 99.0))["ok"], true, "the agent still serves");
 }
+
+#[test]
+fn a_damaged_wal_is_refused_with_the_salvage_command_and_salvage_forwards_only_intact_events() {
+    let db = TestDb::migrated();
+    let proxy = FaultProxy::start(TestDb::server_addr());
+    proxy.set_down(true);
+    let mut agent = Agent::start(&mysql_section(&db.url_via(proxy.port)));
+    let mut client = agent.connect();
+    let mut sent = std::collections::HashMap::new();
+    for i in 0..3000 {
+        let ack = client.request(&metric(&format!("p{}", i % 7), "m", f64::from(i)));
+        sent.insert(ack["event_id"].as_str().unwrap().to_string(), f64::from(i));
+    }
+    drop(client);
+    assert!(agent.stop().success());
+    // Bytes flipped in the middle of sled's data file: sled keeps what comes before and drops the rest.
+    let data = agent.wal_dir.join("sled").join("db");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at..at + 64].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&data, &bytes).unwrap();
+    proxy.set_down(false);
+
+    let refused = agent.command(&["run"], "");
+    let message = stderr(&refused);
+    assert!(!refused.status.success(), "a damaged WAL must not start: {message}");
+    assert!(message.contains("acknowledged records are lost"), "{message}");
+    assert!(message.contains("telemetry-agent wal salvage --config"), "{message}");
+    assert_eq!(db.count("dd_metrics"), 0, "nothing is forwarded from a damaged WAL");
+
+    let salvage = stdout(&agent.command(&["wal", "salvage"], ""));
+    let kept: u64 = salvage
+        .lines()
+        .find_map(|l| l.strip_prefix("kept ")?.strip_suffix(" intact records")?.parse().ok())
+        .unwrap_or_else(|| panic!("{salvage}"));
+    assert!(kept > 0 && kept < 3000, "{salvage}");
+    assert!(salvage.contains(&format!("lost {} acknowledged records", 3000 - kept)), "{salvage}");
+
+    agent.restart();
+    let after = agent.connect().request(&metric("p0", "m", 0.5));
+    sent.insert(after["event_id"].as_str().unwrap().to_string(), 0.5);
+    db.wait_for_rows("dd_metrics", kept + 1, 60);
+    std::thread::sleep(Duration::from_millis(300));
+    let rows: Vec<(String, f64)> = db.query("SELECT event_id, value FROM dd_metrics");
+    assert_eq!(rows.len() as u64, kept + 1);
+    for (event_id, value) in rows {
+        assert_eq!(sent.get(&event_id), Some(&value), "row {event_id} is not an event that was sent");
+    }
+}

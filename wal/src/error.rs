@@ -19,11 +19,8 @@ pub enum WalError {
     )]
     Locked { dir: PathBuf, holder: String },
 
-    #[error(
-        "WAL in {} is damaged: {detail}. Move the directory aside to start empty, or salvage its intact prefix \
-         before restarting",
-        dir.display()
-    )]
+    /// [`crate::Wal::salvage`] keeps what is intact.
+    #[error("WAL in {} is damaged: {detail}", dir.display())]
     Corrupt { dir: PathBuf, detail: String },
 
     #[error("WAL in {}: cannot {what}: {source}", dir.display())]

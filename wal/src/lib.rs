@@ -12,6 +12,7 @@
 
 mod chunk;
 mod error;
+mod mark;
 mod writer;
 
 use std::fs::File;
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use error::WalError;
 
 use chunk::Chunk;
+use mark::AckMark;
 use writer::{Request, Writer};
 
 /// When an append counts as durable.
@@ -189,6 +191,8 @@ impl Wal {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| WalError::io(&dir, "create the WAL directory", e))?;
         let lock = take_lock(&dir)?;
+        let mark = AckMark::open(&dir)?;
+        let acknowledged = mark.read()?;
         let db = open_sled(&dir, &options)?;
         let open_tree = |name: &str| db.open_tree(name).map_err(|e| WalError::sled(&dir, "open a tree", e));
         let records = open_tree("records")?;
@@ -197,12 +201,18 @@ impl Wal {
         let dead_letters = open_tree("dead_letters")?;
         let data_path = dir.join("sled").join("db");
         let data_file = File::open(&data_path).map_err(|e| WalError::io(&data_path, "open sled's data file", e))?;
-        // The files sled just created must survive a power cut too.
+        // The files sled just created must survive a power cut too. sled never syncs its `conf` (found by the
+        // power-loss test); a zeroed one could make sled refuse to open.
+        let conf = dir.join("sled").join("conf");
+        File::open(&conf).and_then(|f| f.sync_all()).map_err(|e| WalError::io(&conf, "fsync sled's conf", e))?;
         sync_dir(&dir.join("sled"))?;
         sync_dir(&dir)?;
 
         let scan = scan_records(&records, &dir)?;
         let last_seq = last_durable_seq(scan.last_seq, &meta, &dir)?;
+        if let Some(lost) = lost_range(last_seq, acknowledged) {
+            return Err(WalError::Corrupt { dir, detail: lost.describe() });
+        }
         let live_bytes = scan.live_bytes;
         let next_seq = last_seq.map_or(options.first_seq.max(1), |s| s + 1);
         let (durable_seq, _) = watch::channel(next_seq - 1);
@@ -222,10 +232,20 @@ impl Wal {
 
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer = Writer::new(db.clone(), records.clone(), meta.clone(), shared.clone(), &options, next_seq, rx);
-        let mut threads = vec![std::thread::Builder::new()
-            .name("wal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| WalError::io(&dir, "spawn the WAL writer thread", e))?];
+        let marker = {
+            let shared = shared.clone();
+            move || writer::marker(mark, shared)
+        };
+        let mut threads = vec![
+            std::thread::Builder::new()
+                .name("wal-writer".into())
+                .spawn(move || writer.run())
+                .map_err(|e| WalError::io(&dir, "spawn the WAL writer thread", e))?,
+            std::thread::Builder::new()
+                .name("wal-marker".into())
+                .spawn(marker)
+                .map_err(|e| WalError::io(&dir, "spawn the WAL marker thread", e))?,
+        ];
         if let Durability::Interval { interval_ms } = options.durability {
             let (db, shared) = (db.clone(), shared.clone());
             let flusher = move || writer::interval_flusher(db, shared, interval_ms);
@@ -726,6 +746,11 @@ fn scan_records(records: &sled::Tree, dir: &Path) -> Result<Scan, WalError> {
             dir: dir.to_path_buf(),
             detail: format!("chunk at seq {}: {reason}", be_u64(&key)),
         })?;
+        if let Some(previous) = scan.last_seq {
+            if be_u64(&key) != previous + 1 {
+                tracing::warn!(after_seq = previous, next_seq = be_u64(&key), "DIAG: the WAL has a gap at open");
+            }
+        }
         scan.last_seq = Some(chunk.last_seq());
         scan.live_bytes += value.len() as u64;
     }
@@ -740,6 +765,105 @@ fn last_durable_seq(from_records: Option<u64>, meta: &sled::Tree, dir: &Path) ->
     };
     let candidates = [from_records, meta_u64(META_HIGH_WATER)?, meta_u64(META_SEQ_LEASE)?];
     Ok(candidates.into_iter().flatten().max())
+}
+
+/// Acknowledged seqs that sled no longer has: after the newest it recovered, up to the acknowledged mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LostRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl LostRange {
+    fn describe(&self) -> String {
+        format!(
+            "sled's log ends at seq {} but seqs up to {} were acknowledged: {} acknowledged records are lost \
+             (sled's data file was truncated or damaged; sled drops everything after the damage)",
+            self.first - 1,
+            self.last,
+            self.last - self.first + 1
+        )
+    }
+}
+
+fn lost_range(last_seq: Option<u64>, acknowledged: Option<u64>) -> Option<LostRange> {
+    let (last, acknowledged) = (last_seq.unwrap_or(0), acknowledged?);
+    (acknowledged > last).then_some(LostRange { first: last + 1, last: acknowledged })
+}
+
+/// What [`Wal::salvage`] kept and dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Salvage {
+    /// Records kept (every one passed its checksum).
+    pub kept_records: u64,
+    /// The first seq of every chunk dropped because it failed its checksum, with its size in bytes.
+    pub damaged_chunks: Vec<(u64, usize)>,
+    /// Acknowledged records sled no longer had.
+    pub lost: Option<LostRange>,
+    /// Seqs handed out from now on start after this one, so that no lost seq is ever reused.
+    pub next_seq_after: u64,
+}
+
+impl Wal {
+    /// Makes a damaged WAL usable again, keeping every intact record: drops the chunks that fail their
+    /// checksum, accepts the loss of acknowledged records sled no longer has, and moves the seq high-water
+    /// mark past everything ever acknowledged. Run it only on a WAL that [`Wal::open`] refused as corrupt; a
+    /// WAL sled itself cannot open has nothing to salvage here.
+    pub fn salvage(dir: impl AsRef<Path>, options: &WalOptions) -> Result<Salvage, WalError> {
+        let dir = dir.as_ref().to_path_buf();
+        let _lock = take_lock(&dir)?;
+        let mut mark = AckMark::open(&dir)?;
+        // A damaged mark says nothing; what sled holds is all there is.
+        let acknowledged = mark.read().unwrap_or(None);
+        let db = open_sled(&dir, options)?;
+        let records = db.open_tree("records").map_err(|e| WalError::sled(&dir, "open a tree", e))?;
+        let meta = db.open_tree("meta").map_err(|e| WalError::sled(&dir, "open a tree", e))?;
+        let mut salvage = Salvage::default();
+        let mut newest = None;
+        let mut damaged = sled::Batch::default();
+        for entry in records.iter() {
+            let (key, value) = entry.map_err(|e| WalError::sled(&dir, "read the WAL", e))?;
+            match Chunk::decode(&key, &value) {
+                Ok(chunk) => {
+                    salvage.kept_records += chunk.last_seq() - chunk.first_seq + 1;
+                    newest = Some(chunk.last_seq());
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        first_seq = be_u64(&key),
+                        bytes = value.len(),
+                        reason,
+                        "salvage drops a damaged chunk"
+                    );
+                    salvage.damaged_chunks.push((be_u64(&key), value.len()));
+                    damaged.remove(key);
+                }
+            }
+        }
+        let last_seq = last_durable_seq(newest, &meta, &dir)?;
+        salvage.lost = lost_range(last_seq, acknowledged);
+        // A damaged last chunk may have held seqs beyond every intact one: skip past its key at least.
+        let damaged_max = salvage.damaged_chunks.iter().map(|(first, _)| *first).max();
+        let high_water = [last_seq, acknowledged, damaged_max].into_iter().flatten().max().unwrap_or(0);
+        salvage.next_seq_after = high_water;
+        records.apply_batch(damaged).map_err(|e| WalError::sled(&dir, "drop damaged chunks", e))?;
+        meta.insert(META_HIGH_WATER, &high_water.to_be_bytes())
+            .map_err(|e| WalError::sled(&dir, "write the high-water mark", e))?;
+        db.flush().map_err(|e| WalError::sled(&dir, "flush", e))?;
+        let data_path = dir.join("sled").join("db");
+        File::open(&data_path)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| WalError::io(&data_path, "fsync sled's data file", e))?;
+        mark.write(high_water)?;
+        if let Some(lost) = salvage.lost {
+            tracing::warn!(
+                first_seq = lost.first,
+                last_seq = lost.last,
+                "salvage accepts the loss of acknowledged records"
+            );
+        }
+        Ok(salvage)
+    }
 }
 
 fn dead_letter_key(sink: &str, seq: u64) -> Vec<u8> {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chunk::Chunk;
+use crate::mark::AckMark;
 use crate::{Durability, Shared, WalError, WalOptions, META_SEQ_LEASE};
 
 pub(crate) enum Request {
@@ -226,6 +227,33 @@ pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u
                 return;
             }
         }
+    }
+}
+
+/// How often the acknowledged mark follows the durable seq (see `mark.rs`).
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the acknowledged mark about a second behind the durable seq, off the ack path; writes the final
+/// durable seq once the writer has closed.
+pub(crate) fn marker(mut mark: AckMark, shared: Arc<Shared>) {
+    let mut failed = false;
+    let mut last_write = std::time::Instant::now();
+    loop {
+        let closing = shared.closing.load(Ordering::Relaxed);
+        if closing || last_write.elapsed() >= MARK_EVERY {
+            let durable = *shared.durable_seq.borrow();
+            if let Err(e) = mark.write(durable) {
+                if !failed {
+                    tracing::error!(error = %e, "cannot write the WAL's acknowledged mark; damage to sled's log may go unnoticed");
+                    failed = true;
+                }
+            }
+            last_write = std::time::Instant::now();
+        }
+        if closing {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
