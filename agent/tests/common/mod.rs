@@ -431,22 +431,33 @@ impl FaultProxy {
                                      state: std::sync::Arc<ProxyState>| async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = vec![0u8; 16 * 1024];
+                        // Bytes read but held back while stalled, forwarded in order once the stall ends.
+                        let mut held: Vec<u8> = Vec::new();
                         loop {
-                            let read = tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await;
+                            let read = tokio::time::timeout(Duration::from_millis(20), from.read(&mut buf)).await;
                             if !alive(&state) {
                                 return;
                             }
-                            let n = match read {
-                                Err(_) => continue,
+                            match read {
+                                Err(_) => {}
+                                // The sender closed: the pair goes (so that the open count follows the agent's
+                                // own connections, also while stalled).
                                 Ok(Ok(0)) | Ok(Err(_)) => return,
-                                Ok(Ok(n)) => n,
-                            };
-                            while state.stalled.load(Ordering::Relaxed) && alive(&state) {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                Ok(Ok(n)) => held.extend_from_slice(&buf[..n]),
                             }
-                            if !alive(&state) || to.write_all(&buf[..n]).await.is_err() {
+                            if held.is_empty() || state.stalled.load(Ordering::Relaxed) {
+                                if std::env::var_os("PROXY_LINGER").is_some() {
+                                    // The old behaviour: a stalled pair does not notice the sender leaving.
+                                    while state.stalled.load(Ordering::Relaxed) && alive(&state) {
+                                        tokio::time::sleep(Duration::from_millis(20)).await;
+                                    }
+                                }
+                                continue;
+                            }
+                            if to.write_all(&held).await.is_err() {
                                 return;
                             }
+                            held.clear();
                         }
                     };
                     let open = state.open.fetch_add(1, Ordering::SeqCst) + 1;
@@ -553,12 +564,19 @@ impl TestRedis {
     }
 }
 
-impl Drop for TestRedis {
-    fn drop(&mut self) {
+impl TestRedis {
+    /// Deletes every key under this test's prefix (what a Redis restarted empty looks like to the agent).
+    pub fn delete_all(&self) {
         let keys = self.keys();
         if !keys.is_empty() {
             let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
             let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut *conn);
         }
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.delete_all();
     }
 }
