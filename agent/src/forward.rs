@@ -255,9 +255,6 @@ impl Forwarder {
                     return Ok(batch);
                 }
                 bytes += record.payload.len();
-                if last != 0 && record.seq != last + 1 {
-                    tracing::warn!(after_seq = last, next_seq = record.seq, "DIAG: the WAL read jumps");
-                }
                 last = record.seq;
                 batch.push(record);
             }

@@ -215,6 +215,9 @@ fn script(
 #[test]
 fn acked_events_reach_mysql_exactly_once_and_redis_stays_newest_under_every_fault() {
     let plan = Plan::from_env();
+    // Two descriptors per script connection.
+    let limit = common::raise_fd_limit();
+    assert!(limit as usize > plan.profiles * SCRIPTS_PER_PROFILE * 2 + 256, "open-file limit {limit} too low");
     let db = TestDb::migrated();
     let redis = TestRedis::new();
     let mysql_proxy = FaultProxy::start(TestDb::server_addr());

@@ -21,17 +21,9 @@ fn rss_mib(pid: i32) -> f64 {
     kib / 1024.0
 }
 
-/// Raises this process's open-file limit to its hard limit (the idle connections need one each).
-fn raise_fd_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    hard
-}
-
 #[test]
 fn hostile_clients_do_not_stop_a_well_behaved_one_and_memory_stays_bounded() {
-    let limit = raise_fd_limit();
+    let limit = common::raise_fd_limit();
     // The agent inherits the raised limit; leave room for its own files and the other clients.
     let idle_count = 10_000.min(limit.saturating_sub(200) as usize);
     let mut agent = Agent::configure("");

@@ -52,7 +52,7 @@ impl Agent {
             .arg(&self.config_path)
             .env(
                 "RUST_LOG",
-                "warn,telemetry_agent::forward=info,telemetry_agent::cli=info,telemetry_agent::reload=info",
+                "warn,telemetry_wal=info,telemetry_agent::forward=info,telemetry_agent::cli=info,telemetry_agent::reload=info",
             )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
@@ -579,4 +579,12 @@ impl Drop for TestRedis {
     fn drop(&mut self) {
         self.delete_all();
     }
+}
+
+/// Raises this process's open-file limit to its hard limit (tests holding many connections need one each).
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    hard
 }
