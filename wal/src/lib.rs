@@ -173,6 +173,8 @@ struct Shared {
     data_syncs: AtomicU64,
     /// sled's data file, opened by us so that we can `fdatasync` it (fsync works per inode).
     data_file: File,
+    /// The newest acknowledged seq, kept beside sled (see `mark.rs`).
+    mark: AckMark,
     dir: PathBuf,
 }
 
@@ -226,15 +228,16 @@ impl Wal {
             group_commits: AtomicU64::new(0),
             data_syncs: AtomicU64::new(0),
             data_file,
+            mark,
             dir: dir.clone(),
         });
         shared.refresh_disk_bytes();
 
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer = Writer::new(db.clone(), records.clone(), meta.clone(), shared.clone(), &options, next_seq, rx);
-        let marker = {
+        let mark_syncer = {
             let shared = shared.clone();
-            move || writer::marker(mark, shared)
+            move || writer::mark_syncer(shared)
         };
         let mut threads = vec![
             std::thread::Builder::new()
@@ -242,9 +245,9 @@ impl Wal {
                 .spawn(move || writer.run())
                 .map_err(|e| WalError::io(&dir, "spawn the WAL writer thread", e))?,
             std::thread::Builder::new()
-                .name("wal-marker".into())
-                .spawn(marker)
-                .map_err(|e| WalError::io(&dir, "spawn the WAL marker thread", e))?,
+                .name("wal-mark".into())
+                .spawn(mark_syncer)
+                .map_err(|e| WalError::io(&dir, "spawn the WAL mark thread", e))?,
         ];
         if let Durability::Interval { interval_ms } = options.durability {
             let (db, shared) = (db.clone(), shared.clone());
@@ -807,7 +810,7 @@ impl Wal {
     pub fn salvage(dir: impl AsRef<Path>, options: &WalOptions) -> Result<Salvage, WalError> {
         let dir = dir.as_ref().to_path_buf();
         let _lock = take_lock(&dir)?;
-        let mut mark = AckMark::open(&dir)?;
+        let mark = AckMark::open(&dir)?;
         // A damaged mark says nothing; what sled holds is all there is.
         let acknowledged = mark.read().unwrap_or(None);
         let db = open_sled(&dir, options)?;
@@ -849,7 +852,7 @@ impl Wal {
         File::open(&data_path)
             .and_then(|f| f.sync_data())
             .map_err(|e| WalError::io(&data_path, "fsync sled's data file", e))?;
-        mark.write(high_water)?;
+        mark.write_durably(high_water)?;
         if let Some(lost) = salvage.lost {
             tracing::warn!(
                 first_seq = lost.first,

@@ -1,11 +1,16 @@
-//! The acknowledged mark: a 12-byte file beside sled holding the newest seq acknowledged as durable, rewritten
-//! about once a second and at close. sled's recovery silently drops everything after a damaged or missing
-//! part of its log (a truncated file, flipped bytes); a mark beyond what sled recovered is how such a loss is
-//! noticed at open, instead of acknowledged records vanishing and their seqs being handed out again.
+//! The acknowledged mark: a 12-byte file beside sled holding the newest seq acknowledged as durable. sled's
+//! recovery silently drops everything after a damaged or missing part of its log (a truncated file, flipped
+//! bytes); a mark beyond what sled recovered is how such a loss is noticed at open, instead of acknowledged
+//! records vanishing and their seqs being handed out again.
+//!
+//! The mark is rewritten (one `pwrite`, no sync) every time the durable seq moves, after sled's data is
+//! synced, so after a process crash it is exact; it is `fdatasync`ed about once a second, so after a power
+//! cut it may lag by that much, never lead.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::WalError;
 
@@ -14,7 +19,10 @@ pub(crate) const MARK_FILE: &str = "acked-seq";
 pub(crate) struct AckMark {
     file: File,
     path: PathBuf,
-    written: u64,
+    /// Written since the last sync.
+    dirty: AtomicBool,
+    /// A write failed already (logged once).
+    failed: AtomicBool,
 }
 
 impl AckMark {
@@ -27,7 +35,7 @@ impl AckMark {
             .truncate(false)
             .open(&path)
             .map_err(|e| WalError::io(&path, "open the acknowledged mark", e))?;
-        Ok(AckMark { file, path, written: 0 })
+        Ok(AckMark { file, path, dirty: AtomicBool::new(false), failed: AtomicBool::new(false) })
     }
 
     /// The mark stored, `None` when none was ever written.
@@ -48,21 +56,37 @@ impl AckMark {
         Ok(Some(seq))
     }
 
-    /// Records `seq` durably, if it is newer than what was written.
-    pub fn write(&mut self, seq: u64) -> Result<(), WalError> {
-        if seq <= self.written {
-            return Ok(());
-        }
+    /// Records `seq` (callers only move it forward). One write within a sector: it lands whole or not at all.
+    pub fn record(&self, seq: u64) {
         let mut buf = [0u8; 12];
         buf[..8].copy_from_slice(&seq.to_be_bytes());
         let crc = crc32fast::hash(&buf[..8]);
         buf[8..].copy_from_slice(&crc.to_be_bytes());
-        // One small write within a sector: it lands whole or not at all.
-        self.file
-            .write_all_at(&buf, 0)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| WalError::io(&self.path, "write the acknowledged mark", e))?;
-        self.written = seq;
-        Ok(())
+        match self.file.write_all_at(&buf, 0) {
+            Ok(()) => self.dirty.store(true, Ordering::Release),
+            Err(e) => self.failed_once(&e.to_string()),
+        }
+    }
+
+    /// Makes the last recorded mark durable, if it changed.
+    pub fn sync(&self) {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.file.sync_data() {
+                self.failed_once(&e.to_string());
+            }
+        }
+    }
+
+    /// Records and syncs, reporting failure (salvage, where it matters).
+    pub fn write_durably(&self, seq: u64) -> Result<(), WalError> {
+        self.record(seq);
+        self.file.sync_data().map_err(|e| WalError::io(&self.path, "write the acknowledged mark", e))
+    }
+
+    fn failed_once(&self, error: &str) {
+        // Not fatal: sled holds the records; only the detection of damage to sled's log is weakened.
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            tracing::error!(error, path = %self.path.display(), "cannot write the WAL's acknowledged mark");
+        }
     }
 }

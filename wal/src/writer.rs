@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chunk::Chunk;
-use crate::mark::AckMark;
 use crate::{Durability, Shared, WalError, WalOptions, META_SEQ_LEASE};
 
 pub(crate) enum Request {
@@ -195,6 +194,7 @@ impl Writer {
                 self.db.flush().map_err(|e| WalError::sled(dir, "flush", e))?;
                 // sled's flush is sync_file_range: it does not reach the disk's cache nor metadata.
                 self.shared.sync_data()?;
+                self.shared.mark.record(last_seq);
                 self.shared.durable_seq.send_replace(last_seq);
                 self.shared.refresh_disk_bytes();
             }
@@ -217,6 +217,7 @@ pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u
         match result {
             Ok(()) => {
                 if target > *shared.durable_seq.borrow() {
+                    shared.mark.record(target);
                     shared.durable_seq.send_replace(target);
                 }
                 shared.refresh_disk_bytes();
@@ -230,25 +231,17 @@ pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u
     }
 }
 
-/// How often the acknowledged mark follows the durable seq (see `mark.rs`).
-const MARK_EVERY: Duration = Duration::from_secs(1);
+/// How often the acknowledged mark is synced (see `mark.rs`).
+const MARK_SYNC_EVERY: Duration = Duration::from_secs(1);
 
-/// Keeps the acknowledged mark about a second behind the durable seq, off the ack path; writes the final
-/// durable seq once the writer has closed.
-pub(crate) fn marker(mut mark: AckMark, shared: Arc<Shared>) {
-    let mut failed = false;
-    let mut last_write = std::time::Instant::now();
+/// Syncs the acknowledged mark about once a second, off the ack path, and once more after the writer closed.
+pub(crate) fn mark_syncer(shared: Arc<Shared>) {
+    let mut last_sync = std::time::Instant::now();
     loop {
         let closing = shared.closing.load(Ordering::Relaxed);
-        if closing || last_write.elapsed() >= MARK_EVERY {
-            let durable = *shared.durable_seq.borrow();
-            if let Err(e) = mark.write(durable) {
-                if !failed {
-                    tracing::error!(error = %e, "cannot write the WAL's acknowledged mark; damage to sled's log may go unnoticed");
-                    failed = true;
-                }
-            }
-            last_write = std::time::Instant::now();
+        if closing || last_sync.elapsed() >= MARK_SYNC_EVERY {
+            shared.mark.sync();
+            last_sync = std::time::Instant::now();
         }
         if closing {
             return;
