@@ -710,3 +710,20 @@ fn a_damaged_data_file_is_refused_then_salvaged_without_garbage_or_reused_seqs()
         );
     }
 }
+
+#[test]
+fn the_acknowledged_mark_never_makes_a_healthy_wal_look_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || WalOptions { first_seq: 1_000_000, gating_cursors: vec!["sink".into()], ..WalOptions::default() };
+    // Opened and closed without a single record.
+    open(dir.path(), options()).close().unwrap();
+    let wal = open(dir.path(), options());
+    // Every record truncated: the high-water mark still covers the acknowledged seqs.
+    let seqs = append_all(&wal, (0..100u8).map(|i| vec![i; 10]));
+    wal.set_cursor("sink", *seqs.last().unwrap()).unwrap();
+    assert_eq!(wal.truncate().unwrap(), 100);
+    wal.close().unwrap();
+    drop(wal);
+    let wal = open(dir.path(), options());
+    assert!(append_all(&wal, [b"x".to_vec()])[0] > *seqs.last().unwrap());
+}
