@@ -645,6 +645,7 @@ pub async fn write_rows(
     let (metrics, trades): (Vec<_>, Vec<_>) = rows.iter().partition(|(_, event)| matches!(event, Event::Metric(_)));
     let mut inserted = 0;
     for (table, columns, rows) in [(METRICS_TABLE, METRIC_COLUMNS, metrics), (TRADES_TABLE, TRADE_COLUMNS, trades)] {
+        let mut table_inserted = 0;
         let mut rest = &rows[..];
         while !rest.is_empty() {
             let n = CHUNK_ROWS.into_iter().find(|&n| n <= rest.len()).unwrap_or(1);
@@ -654,9 +655,32 @@ pub async fn write_rows(
                 push_params(&mut params, event, agent_id, record.seq);
             }
             tx.exec_drop(insert_sql(table, columns, n), params).await?;
-            inserted += tx.affected_rows();
+            table_inserted += tx.affected_rows();
             rest = tail;
         }
+        let ids: std::collections::BTreeSet<String> = rows
+            .iter()
+            .map(|(record, event)| effective_event_id(event.client_event_id(), agent_id, record.seq))
+            .collect();
+        if table_inserted < ids.len() as u64 {
+            // MySQL called some rows duplicates. Make sure they are there: under concurrent transactions on the
+            // same event ids (an abandoned attempt of this batch still holding its rows, then rolled back) InnoDB
+            // was seen reporting rows as duplicates that then did not exist. Retry rather than lose them.
+            let sql = format!("SELECT COUNT(*) FROM {table} WHERE event_id IN ({})", vec!["?"; ids.len()].join(","));
+            let present: Option<u64> = tx.exec_first(sql, ids.iter().collect::<Vec<_>>()).await?;
+            let present = present.unwrap_or(0);
+            if present < ids.len() as u64 {
+                return Err(mysql_async::Error::Other(
+                    format!(
+                        "{} of {} rows in {table} were reported as already present but are not there; retrying",
+                        ids.len() as u64 - present,
+                        ids.len()
+                    )
+                    .into(),
+                ));
+            }
+        }
+        inserted += table_inserted;
     }
     let offset = offset();
     tx.exec_drop(OFFSET_UPSERT, (agent_id, SINK, offset, offset)).await?;
