@@ -1,6 +1,8 @@
 //! End-to-end socket ingest: the release agent binary as a child, N clients pipelining metrics over the
 //! Unix socket. Reports acked events/s, ack latency p50/p99 and the agent's peak RSS, plus latency at a
-//! fixed offered rate. `cargo bench -p telemetry-agent --bench ingest` (BENCH_SECS per case, default 5).
+//! fixed offered rate. `cargo bench -p telemetry-agent --bench ingest` (BENCH_SECS per case, default 5, 2
+//! with BENCH_QUICK=1; BENCH_CLIENTS runs only the cases with that many clients). With BENCH_REPORT_DIR
+//! (set by scripts/bench.sh) it also writes its numbers to `{BENCH_REPORT_DIR}/ingest.jsonl`.
 
 mod common;
 
@@ -13,13 +15,14 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, Semaphore};
 
-use common::Agent;
+use common::{Agent, Results};
 
 /// Lines a pipelining client keeps in flight.
 const WINDOW: usize = 512;
 
 fn main() {
-    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let secs: u64 = common::setting("BENCH_SECS", 5, 2);
+    let mut results = Results::create("ingest");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
     println!("| clients | offered | acked events/s | ack p50 | ack p99 | agent peak RSS |");
     println!("|---|---|---|---|---|---|");
@@ -27,25 +30,28 @@ fn main() {
     for clients in [1usize, 64, 900].into_iter().filter(|c| only.is_none_or(|o| o == *c)) {
         let agent = Agent::start("");
         let result = runtime.block_on(load(&agent.socket, clients, None, Duration::from_secs(secs)));
-        report(clients, "as fast as acked", &result, agent.peak_rss_kib());
+        report(&mut results, clients, None, &result, agent.peak_rss_kib());
     }
     for (clients, rate) in
         [(64usize, 10_000u64), (900, 10_000)].into_iter().filter(|(c, _)| only.is_none_or(|o| o == *c))
     {
         let agent = Agent::start("");
         let result = runtime.block_on(load(&agent.socket, clients, Some(rate), Duration::from_secs(secs)));
-        report(clients, &format!("{rate}/s"), &result, agent.peak_rss_kib());
+        report(&mut results, clients, Some(rate), &result, agent.peak_rss_kib());
     }
 }
 
-fn report(clients: usize, offered: &str, result: &LoadResult, rss_kib: u64) {
-    println!(
-        "| {clients} | {offered} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MiB |",
-        result.acked as f64 / result.elapsed.as_secs_f64(),
-        percentile(&result.latencies_us, 0.50) / 1000.0,
-        percentile(&result.latencies_us, 0.99) / 1000.0,
-        rss_kib as f64 / 1024.0
-    );
+fn report(results: &mut Results, clients: usize, rate: Option<u64>, result: &LoadResult, rss_kib: u64) {
+    let offered = rate.map_or("as fast as acked".to_string(), |r| format!("{r}/s"));
+    let acked_per_s = result.acked as f64 / result.elapsed.as_secs_f64();
+    let (p50, p99) = (percentile(&result.latencies_us, 0.50) / 1000.0, percentile(&result.latencies_us, 0.99) / 1000.0);
+    let rss_mib = rss_kib as f64 / 1024.0;
+    println!("| {clients} | {offered} | {acked_per_s:.0} | {p50:.2} ms | {p99:.2} ms | {rss_mib:.1} MiB |");
+    results.record(serde_json::json!({
+        "kind": "ingest", "clients": clients, "offered_per_s": rate, "acked": result.acked,
+        "secs": result.elapsed.as_secs_f64(), "acked_per_s": acked_per_s, "p50_ms": p50, "p99_ms": p99,
+        "peak_rss_mib": rss_mib,
+    }));
 }
 
 struct LoadResult {

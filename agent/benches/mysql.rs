@@ -5,28 +5,33 @@
 //! `cargo bench -p telemetry-agent --bench mysql`. Environment: TELEMETRY_TEST_MYSQL_URL (server, no
 //! database), BENCH_ROWS (rows for a/b/c/e, default 200000), BENCH_BACKLOG (d, default 500000),
 //! BENCH_PREFILL (rows already in the tables for the second pass, default 5000000; 0 skips it),
-//! BENCH_OUTAGE_SECS (default 60; 0 skips the outage run), BENCH_AGENT_CONFIG (lines appended to the agent's
-//! `[mysql]` section, `;` between lines, e.g. `parallel_batches = 1`).
+//! BENCH_OUTAGE_SECS (default 60; 0 skips the outage run), BENCH_OUTAGE_TAIL_SECS (sending goes on this long
+//! after the outage, default 60), BENCH_AGENT_CONFIG (lines appended to the agent's `[mysql]` section, `;`
+//! between lines, e.g. `parallel_batches = 1`). BENCH_QUICK=1 makes the defaults 40000 rows, a 100000-event
+//! backlog, no prefill pass and a 10 s outage with a 20 s tail.
+//!
+//! With BENCH_REPORT_DIR (set by scripts/bench.sh) it also writes its numbers to
+//! `{BENCH_REPORT_DIR}/mysql.jsonl` and the outage's time series (every 250 ms) to `mysql-outage.csv`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
+#[path = "common/mysql.rs"]
+mod db;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, Value};
+use mysql_async::{Opts, Pool, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 
-use common::{process_cpu_seconds, Agent};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+use common::{process_cpu_seconds, setting, Agent, Results};
+use db::{Database, Gate};
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
@@ -35,10 +40,13 @@ fn main() {
 
 async fn bench() {
     let server = std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let rows = env_usize("BENCH_ROWS", 200_000);
-    let backlog = env_usize("BENCH_BACKLOG", 500_000);
-    let prefill = env_usize("BENCH_PREFILL", 5_000_000);
-    let outage_secs = env_usize("BENCH_OUTAGE_SECS", 60) as u64;
+    let rows: usize = setting("BENCH_ROWS", 200_000, 40_000);
+    let backlog: usize = setting("BENCH_BACKLOG", 500_000, 100_000);
+    let prefill: usize = setting("BENCH_PREFILL", 5_000_000, 0);
+    let outage_secs: u64 = setting("BENCH_OUTAGE_SECS", 60, 10);
+    let tail_secs: u64 = setting("BENCH_OUTAGE_TAIL_SECS", 60, 20);
+    let mut results = Results::create("mysql");
+    results.record(serde_json::json!({"kind": "mysql_server", "version": server_version(&server).await}));
 
     let mut passes = vec![0];
     if prefill > 0 {
@@ -62,17 +70,21 @@ async fn bench() {
         println!("| way | rows | rows/s | connections | server CPU s / 100k rows | agent CPU s / 100k rows | agent peak RSS |");
         println!("|---|---|---|---|---|---|---|");
         let old_rows = rows.min(60_000);
+        let mut print = |m: &Measured, way: &str, label: &str, connections: u64, rss_kib: Option<u64>| {
+            m.print(&format!("{way} {label}"), connections, rss_kib);
+            m.record(&mut results, prefilled, way, label, connections, rss_kib);
+        };
         let a = measure(&db, old_rows, || old_way(&db.url, shapes("a", 0, old_rows), 30)).await;
-        a.print("(a) 30 connections, one autocommit INSERT per row", 30, None);
+        print(&a, "(a)", "30 connections, one autocommit INSERT per row", 30, None);
         let b = measure(&db, rows, || review_fix(&db.url, shapes("b", 0, rows))).await;
-        b.print("(b) pool of 5, 50-row INSERT per commit", 5, None);
+        print(&b, "(b)", "pool of 5, 50-row INSERT per commit", 5, None);
         let c_rows = shapes("c", 0, rows);
         let c = measure(&db, rows, || load_data(&db.pool, &c_rows)).await;
-        c.print("(c) LOAD DATA LOCAL INFILE, one connection", 1, None);
+        print(&c, "(c)", "LOAD DATA LOCAL INFILE, one connection", 1, None);
         let (d, d_conns, d_rss) = agent_catch_up(&db, backlog).await;
-        d.print("(d) agent catch-up of a WAL backlog", d_conns, Some(d_rss));
+        print(&d, "(d)", "agent catch-up of a WAL backlog", d_conns, Some(d_rss));
         let (e, e_conns, e_rss) = agent_end_to_end(&db, rows).await;
-        e.print("(e) agent end to end, 64 clients", e_conns, Some(e_rss));
+        print(&e, "(e)", "agent end to end, 64 clients", e_conns, Some(e_rss));
         println!();
         println!(
             "ratios: (d)/(c) = {:.2}, (d)/(b) = {:.2}, (e)/(c) = {:.2}; server CPU per row (d)/(b) = {:.2}, (e)/(b) = {:.2}",
@@ -86,7 +98,7 @@ async fn bench() {
     }
     if outage_secs > 0 {
         let db = Database::create(&server).await;
-        outage_run(&db, outage_secs).await;
+        outage_run(&db, outage_secs, tail_secs, &mut results).await;
         db.drop().await;
     }
 }
@@ -115,6 +127,31 @@ impl Measured {
             rss_kib.map_or("-".to_string(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
         );
     }
+
+    fn record(
+        &self,
+        results: &mut Results,
+        prefill: usize,
+        way: &str,
+        label: &str,
+        connections: u64,
+        rss_kib: Option<u64>,
+    ) {
+        results.record(serde_json::json!({
+            "kind": "mysql", "prefill": prefill, "way": way.trim_matches(['(', ')']), "label": label,
+            "rows": self.rows, "secs": self.elapsed.as_secs_f64(), "rows_per_s": self.rate(),
+            "connections": connections, "server_cpu_s_per_100k": self.cpu_per_100k(),
+            "agent_cpu_s_per_100k": self.agent_cpu.map(|c| c / self.rows as f64 * 100_000.0),
+            "agent_peak_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
+        }));
+    }
+}
+
+async fn server_version(server: &str) -> String {
+    let mut conn = mysql_async::Conn::new(Opts::from_url(server).expect("url")).await.expect("connect to MySQL");
+    let version: Option<String> = conn.query_first("SELECT VERSION()").await.expect("SELECT VERSION()");
+    let _ = conn.disconnect().await;
+    version.unwrap_or_default()
 }
 
 async fn measure<F, Fut>(db: &Database, rows: usize, f: F) -> Measured
@@ -335,7 +372,7 @@ async fn agent_catch_up(db: &Database, backlog: usize) -> (Measured, u64, u64) {
     let last_seq = send_events(agent.socket.clone(), 64, backlog, "d", None).await;
     let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
     gate.open.store(true, Ordering::SeqCst);
-    let (first, last) = wait_offset(db, last_seq, "(d) draining").await;
+    let (first, last) = wait_offset(db, last_seq, backlog, "(d) draining").await;
     assert_eq!(db.count().await - before.0, backlog as u64, "(d) rows do not match");
     let measured = Measured {
         rows: backlog,
@@ -353,7 +390,7 @@ async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
     let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
     let started = Instant::now();
     let last_seq = send_events(agent.socket.clone(), 64, rows, "e", None).await;
-    wait_offset(db, last_seq, "(e) end to end").await;
+    wait_offset(db, last_seq, rows, "(e) end to end").await;
     let elapsed = started.elapsed();
     assert_eq!(db.count().await - before.0, rows as u64, "(e) rows do not match");
     let measured = Measured {
@@ -365,76 +402,204 @@ async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
     (measured, gate.max_open.load(Ordering::SeqCst), agent.peak_rss_kib())
 }
 
-/// 5,000 events/s offered; MySQL unreachable for `outage_secs` after 10 s; reports how fast the backlog drains
-/// while new events keep arriving.
-async fn outage_run(db: &Database, outage_secs: u64) {
+/// Counters of a paced send, read by the outage run while it goes on.
+#[derive(Default)]
+struct Progress {
+    /// Lines written to the socket.
+    sent: AtomicU64,
+    /// `ok` answers received.
+    acked: AtomicU64,
+    /// The lowest seq acked (`u64::MAX` before the first ack).
+    first_seq: AtomicU64,
+}
+
+/// One sample of the outage run.
+struct Sample {
+    t: f64,
+    gate_open: bool,
+    sent: u64,
+    acked: u64,
+    written: u64,
+}
+
+/// 5,000 events/s offered; MySQL unreachable for `outage_secs` after 10 s, then `tail_secs` more of sending;
+/// reports how fast the backlog drains while new events keep arriving, and records a time series every
+/// 250 ms: events acked, rows committed to MySQL, the backlog held in the WAL and the lag (how long ago the
+/// oldest event not yet in MySQL was acked).
+async fn outage_run(db: &Database, outage_secs: u64, tail_secs: u64, results: &mut Results) {
+    const LEAD_SECS: f64 = 10.0;
+    const SAMPLE: Duration = Duration::from_millis(250);
     let gate = Gate::start().await;
     let agent = Agent::start(&mysql_section(&db.url_via(gate.port)));
     let rate = 5_000;
-    let total = rate * (10 + outage_secs as usize + 60);
-    let sent = Arc::new(AtomicU64::new(0));
-    let sending = tokio::spawn(send_events(agent.socket.clone(), 64, total, "o", Some((rate, sent.clone()))));
+    let total = rate * (LEAD_SECS as usize + outage_secs as usize + tail_secs as usize);
+    let progress = Arc::new(Progress { first_seq: AtomicU64::new(u64::MAX), ..Progress::default() });
+    let sending = tokio::spawn(send_events(agent.socket.clone(), 64, total, "o", Some((rate, progress.clone()))));
     println!("\n### outage: {rate} events/s offered, MySQL unreachable for {outage_secs} s\n");
-    println!("| t (s) | sent | in MySQL | backlog |");
-    println!("|---|---|---|---|");
+    println!("| t (s) | sent | acked | in MySQL | backlog |");
+    println!("|---|---|---|---|---|");
+    let outage = LEAD_SECS..LEAD_SECS + outage_secs as f64;
     let started = Instant::now();
     let mut reopened_at = None;
     let mut drained = None;
-    let mut tick = 0u64;
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut finished_at = None;
+    let mut tick = tokio::time::interval(SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        tick += 1;
-        let t = started.elapsed().as_secs();
-        if t >= 10 && t < 10 + outage_secs {
+        tick.tick().await;
+        let t = started.elapsed().as_secs_f64();
+        let closed = outage.contains(&t);
+        if closed {
             gate.open.store(false, Ordering::SeqCst);
-        } else if t >= 10 + outage_secs && reopened_at.is_none() {
-            let backlog = sent.load(Ordering::SeqCst).saturating_sub(db.count().await);
+        } else if t >= outage.end && reopened_at.is_none() {
+            let backlog = progress.acked.load(Ordering::SeqCst).saturating_sub(rows_written(db, &progress).await);
             gate.open.store(true, Ordering::SeqCst);
             reopened_at = Some((Instant::now(), backlog));
         }
-        let (sent_now, stored) = (sent.load(Ordering::SeqCst), db.count().await);
-        if tick % 10 == 0 {
-            println!("| {t} | {sent_now} | {stored} | {} |", sent_now.saturating_sub(stored));
+        // Rows below the committed offset: seqs are consecutive from the first one acked, and the offset
+        // moves in the transaction that inserts the rows (a primary-key read, unlike COUNT(*)).
+        let written = rows_written(db, &progress).await;
+        let (sent, acked) = (progress.sent.load(Ordering::SeqCst), progress.acked.load(Ordering::SeqCst));
+        samples.push(Sample { t, gate_open: !closed, sent, acked, written });
+        if samples.len() % 20 == 0 {
+            println!("| {t:.0} | {sent} | {acked} | {written} | {} |", acked.saturating_sub(written));
         }
         if let (Some((at, backlog)), None) = (reopened_at, drained) {
-            if sent_now.saturating_sub(stored) < rate as u64 / 2 {
+            if acked.saturating_sub(written) < rate as u64 / 2 {
                 drained = Some((at.elapsed(), backlog));
             }
         }
-        if sending.is_finished() && stored >= sent_now {
-            break;
+        if sending.is_finished() {
+            if written >= acked {
+                break;
+            }
+            let since = *finished_at.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(120) {
+                println!("\nMySQL did not catch up within 120 s of the last event ({written} of {acked} rows)");
+                break;
+            }
         }
     }
-    match drained {
-        Some((took, backlog)) => println!(
-            "\nbacklog of {backlog} events at reconnect drained in {:.1} s (sampled every 0.5 s) while {rate}/s \
-             kept arriving: {:.0} rows/s written during the drain",
+    let acked = progress.acked.load(Ordering::SeqCst);
+    let counted = db.count().await;
+    let drain_rate = drained.map(|(took, backlog): (Duration, u64)| {
+        (backlog as f64 + rate as f64 * took.as_secs_f64()) / took.as_secs_f64().max(0.001)
+    });
+    match (drained, drain_rate) {
+        (Some((took, backlog)), Some(drain_rate)) => println!(
+            "\nbacklog of {backlog} events at reconnect drained in {:.1} s (sampled every 0.25 s) while {rate}/s \
+             kept arriving: {drain_rate:.0} rows/s written during the drain",
             took.as_secs_f64(),
-            (backlog as f64 + rate as f64 * took.as_secs_f64()) / took.as_secs_f64().max(0.001)
         ),
-        None => println!("\nthe backlog did not drain"),
+        _ => println!("\nthe backlog did not drain"),
     }
+    println!("{acked} events acked, {counted} rows in MySQL (COUNT(*))");
+    assert_eq!(counted, acked, "outage run: rows in MySQL differ from events acked");
+
+    let series = outage_series(&samples);
+    let max_backlog = samples.iter().map(|s| s.acked.saturating_sub(s.written)).max().unwrap_or(0);
+    let max_lag = series.iter().map(|r| r.lag_s).fold(0.0, f64::max);
+    let peak_written = series.iter().map(|r| r.written_per_s).fold(0.0, f64::max);
+    println!("max backlog {max_backlog} events, max lag {max_lag:.1} s, peak {peak_written:.0} rows/s (1 s window)");
+    results.record(serde_json::json!({
+        "kind": "outage", "offered_per_s": rate, "outage_from_s": LEAD_SECS, "outage_secs": outage_secs,
+        "tail_secs": tail_secs, "acked": acked, "rows": counted, "max_backlog": max_backlog,
+        "backlog_at_reconnect": drained.map(|(_, b)| b), "drain_secs": drained.map(|(t, _)| t.as_secs_f64()),
+        "drain_rows_per_s": drain_rate, "peak_written_per_s": peak_written, "max_lag_s": max_lag,
+        "sample_ms": SAMPLE.as_millis() as u64,
+    }));
+    if let Some(dir) = common::report_dir() {
+        let path = dir.join("mysql-outage.csv");
+        let write = || -> std::io::Result<()> {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            writeln!(out, "t_s,gate_open,sent,acked,written,backlog,acked_per_s,written_per_s,lag_s")?;
+            for (s, r) in samples.iter().zip(&series) {
+                writeln!(
+                    out,
+                    "{:.3},{},{},{},{},{},{:.1},{:.1},{:.3}",
+                    s.t,
+                    u8::from(s.gate_open),
+                    s.sent,
+                    s.acked,
+                    s.written,
+                    s.acked.saturating_sub(s.written),
+                    r.acked_per_s,
+                    r.written_per_s,
+                    r.lag_s
+                )?;
+            }
+            out.flush()
+        };
+        write().unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        println!("time series: {}", path.display());
+    }
+}
+
+/// Rows the agent has committed to MySQL in the outage run (0 before its offset row exists).
+async fn rows_written(db: &Database, progress: &Progress) -> u64 {
+    let first = progress.first_seq.load(Ordering::SeqCst);
+    let offset = db.offset().await;
+    if first == u64::MAX || offset < first {
+        0
+    } else {
+        offset - first + 1
+    }
+}
+
+struct Rates {
+    acked_per_s: f64,
+    written_per_s: f64,
+    lag_s: f64,
+}
+
+/// Per sample: acked/s and written/s over the last second, and the lag: how long ago the oldest event not yet
+/// in MySQL was acked (the time the acked count passed it, interpolated between samples), 0 when none waits.
+fn outage_series(samples: &[Sample]) -> Vec<Rates> {
+    let ack_time = |n: u64| -> Option<f64> {
+        let j = samples.iter().position(|s| s.acked >= n)?;
+        let Some(prev) = j.checked_sub(1).map(|i| &samples[i]) else { return Some(samples[j].t) };
+        let cur = &samples[j];
+        let share = (n - prev.acked) as f64 / (cur.acked - prev.acked).max(1) as f64;
+        Some(prev.t + share * (cur.t - prev.t))
+    };
+    samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let back = &samples[samples[..i].iter().position(|p| s.t - p.t <= 1.0 + 1e-6).unwrap_or(i)];
+            let dt = s.t - back.t;
+            let per_s = |now: u64, then: u64| if dt > 0.0 { now.saturating_sub(then) as f64 / dt } else { 0.0 };
+            let lag_s =
+                if s.acked > s.written { ack_time(s.written + 1).map_or(0.0, |at| (s.t - at).max(0.0)) } else { 0.0 };
+            Rates { acked_per_s: per_s(s.acked, back.acked), written_per_s: per_s(s.written, back.written), lag_s }
+        })
+        .collect()
 }
 
 /// Waits until the agent's MySQL offset reaches `seq` (a primary-key read: polling it costs the server
 /// nearly nothing, unlike COUNT(*)). Returns when the offset first moved and when it arrived.
-async fn wait_offset(db: &Database, seq: u64, label: &str) -> (Instant, Instant) {
+async fn wait_offset(db: &Database, seq: u64, rows: usize, label: &str) -> (Instant, Instant) {
     let started = Instant::now();
     let initial = db.offset().await;
+    // The run's seqs are consecutive and end at `seq`.
+    let before = seq.saturating_sub(rows as u64);
     let mut first = None;
+    let mut shown = Instant::now();
     loop {
         let offset = db.offset().await;
         if offset != initial && first.is_none() {
             first = Some(Instant::now());
         }
-        eprint!(
-            "\r{label}: offset {} of {seq} ({:.0} s)   ",
-            offset.saturating_sub(initial),
-            started.elapsed().as_secs_f64()
-        );
         if offset >= seq {
-            eprintln!();
+            eprintln!("{label}: {rows} of {rows} rows in MySQL ({:.1} s)", started.elapsed().as_secs_f64());
             return (first.unwrap_or(started), Instant::now());
+        }
+        if shown.elapsed() >= Duration::from_secs(1) {
+            shown = Instant::now();
+            let done = offset.saturating_sub(before);
+            eprintln!("{label}: {done} of {rows} rows in MySQL ({:.0} s)", started.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -447,7 +612,7 @@ async fn send_events(
     clients: usize,
     total: usize,
     prefix: &'static str,
-    rate: Option<(usize, Arc<AtomicU64>)>,
+    rate: Option<(usize, Arc<Progress>)>,
 ) -> u64 {
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
@@ -457,6 +622,7 @@ async fn send_events(
             tokio::spawn(async move {
                 let stream = tokio::net::UnixStream::connect(&socket).await.expect("connect");
                 let (read, write) = stream.into_split();
+                let progress = rate.as_ref().map(|(_, progress)| progress.clone());
                 let reader = tokio::spawn(async move {
                     let mut lines = BufReader::new(read).lines();
                     let (mut n, mut max_seq) = (0, 0u64);
@@ -467,6 +633,10 @@ async fn send_events(
                             .and_then(|seq| seq.parse::<u64>().ok())
                             .unwrap_or_else(|| panic!("not an ack: {line}"));
                         max_seq = max_seq.max(seq);
+                        if let Some(progress) = &progress {
+                            progress.first_seq.fetch_min(seq, Ordering::SeqCst);
+                            progress.acked.fetch_add(1, Ordering::SeqCst);
+                        }
                         n += 1;
                         if n == per_client {
                             break;
@@ -493,9 +663,9 @@ async fn send_events(
                         )
                     };
                     out.write_all(line.as_bytes()).await.expect("write");
-                    if let Some((_, sent)) = &rate {
+                    if let Some((_, progress)) = &rate {
                         out.flush().await.expect("flush");
-                        sent.fetch_add(1, Ordering::SeqCst);
+                        progress.sent.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 out.flush().await.expect("flush");
@@ -508,120 +678,4 @@ async fn send_events(
         max_seq = max_seq.max(task.await.expect("client"));
     }
     max_seq
-}
-
-/// A TCP gate in front of MariaDB: closed, it refuses connections and cuts open ones; it counts the most
-/// connections open at once.
-struct Gate {
-    port: u16,
-    open: Arc<AtomicBool>,
-    max_open: Arc<AtomicU64>,
-}
-
-impl Gate {
-    async fn start() -> Gate {
-        let target = mysql_addr();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let open = Arc::new(AtomicBool::new(true));
-        let max_open = Arc::new(AtomicU64::new(0));
-        let now_open = Arc::new(AtomicU64::new(0));
-        let (gate_open, gate_max) = (open.clone(), max_open.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else { continue };
-                if !gate_open.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let (gate_open, gate_max, now_open) = (gate_open.clone(), gate_max.clone(), now_open.clone());
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
-                    // Without this, Nagle and delayed ACKs add 40 ms to every statement.
-                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
-                    let n = now_open.fetch_add(1, Ordering::SeqCst) + 1;
-                    gate_max.fetch_max(n, Ordering::SeqCst);
-                    let closed = async {
-                        while gate_open.load(Ordering::SeqCst) {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        () = closed => {}
-                    }
-                    now_open.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        Gate { port, open, max_open }
-    }
-}
-
-fn mysql_addr() -> std::net::SocketAddr {
-    use std::net::ToSocketAddrs;
-    let server = std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let url = url::Url::parse(&server).expect("url");
-    (url.host_str().unwrap_or("127.0.0.1"), url.port().unwrap_or(3306))
-        .to_socket_addrs()
-        .expect("resolve")
-        .next()
-        .expect("address")
-}
-
-struct Database {
-    url: String,
-    name: String,
-    server: String,
-    pool: Pool,
-}
-
-impl Database {
-    async fn create(server: &str) -> Database {
-        let name = format!("tat_bench_{}", std::process::id());
-        let mut admin = mysql_async::Conn::new(Opts::from_url(server).expect("url")).await.expect("connect");
-        admin.query_drop(format!("DROP DATABASE IF EXISTS {name}")).await.expect("drop");
-        admin.query_drop(format!("CREATE DATABASE {name}")).await.expect("create");
-        admin.disconnect().await.expect("disconnect");
-        let url = format!("{server}/{name}");
-        let opts = OptsBuilder::from_opts(Opts::from_url(&url).expect("url"))
-            .prefer_socket(false)
-            .pool_opts(PoolOpts::default().with_constraints(PoolConstraints::new(0, 2).expect("constraints")));
-        let pool = Pool::new(opts);
-        let mut conn = pool.get_conn().await.expect("connect");
-        telemetry_agent::migrate::migrate(&mut conn).await.expect("migrate");
-        Database { url, name, server: server.to_string(), pool }
-    }
-
-    fn url_via(&self, port: u16) -> String {
-        let mut url = url::Url::parse(&self.url).expect("url");
-        url.set_host(Some("127.0.0.1")).expect("host");
-        url.set_port(Some(port)).expect("port");
-        url.to_string()
-    }
-
-    async fn offset(&self) -> u64 {
-        let mut conn = self.pool.get_conn().await.expect("connect");
-        conn.query_first("SELECT last_seq FROM telemetry_offsets WHERE agent_id = 'bench' AND sink = 'mysql'")
-            .await
-            .expect("offset")
-            .unwrap_or(0)
-    }
-
-    async fn count(&self) -> u64 {
-        let mut conn = self.pool.get_conn().await.expect("connect");
-        // Exact counts: the tables are InnoDB, so this scans; the benches keep it off the timed paths where
-        // they can (it is polled every 50 ms in d/e, a small constant cost for both).
-        let metrics: u64 = conn.query_first("SELECT COUNT(*) FROM dd_metrics").await.expect("count").unwrap_or(0);
-        let trades: u64 =
-            conn.query_first("SELECT COUNT(*) FROM dd_trade_performance").await.expect("count").unwrap_or(0);
-        metrics + trades
-    }
-
-    async fn drop(self) {
-        let _ = self.pool.disconnect().await;
-        if let Ok(mut admin) = mysql_async::Conn::new(Opts::from_url(&self.server).expect("url")).await {
-            let _ = admin.query_drop(format!("DROP DATABASE IF EXISTS {}", self.name)).await;
-            let _ = admin.disconnect().await;
-        }
-    }
 }

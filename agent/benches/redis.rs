@@ -6,7 +6,9 @@
 //! (c) mirror lag (event sent until Redis shows it) at 10,000 metrics/s offered.
 //!
 //! `cargo bench -p telemetry-agent --bench redis`; BENCH_UPDATES (default 300000), BENCH_SECS for (c)
-//! (default 10), TELEMETRY_TEST_REDIS_URL (default redis://127.0.0.1:6379).
+//! (default 10), TELEMETRY_TEST_REDIS_URL (default redis://127.0.0.1:6379). BENCH_QUICK=1 makes the
+//! defaults 60000 updates and 3 s. With BENCH_REPORT_DIR (set by scripts/bench.sh) it also writes its
+//! numbers to `{BENCH_REPORT_DIR}/redis.jsonl`.
 
 mod common;
 
@@ -18,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
-use common::Agent;
+use common::{Agent, Results};
 
 const CONNECTIONS: usize = 30;
 const PROFILES: u64 = 300;
@@ -28,13 +30,16 @@ const WINDOW: usize = 512;
 const BASE_TS_MS: u64 = 1_795_000_000_000;
 
 fn main() {
-    let updates: u64 = env_or("BENCH_UPDATES", 300_000);
-    let lag_secs: u64 = env_or("BENCH_SECS", 10);
+    let updates: u64 = common::setting("BENCH_UPDATES", 300_000, 60_000);
+    let lag_secs: u64 = common::setting("BENCH_SECS", 10, 3);
+    let mut results = Results::create("redis");
     let url = std::env::var("TELEMETRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("bench:{}", std::process::id());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
     let client = redis::Client::open(url.as_str()).expect("Redis URL");
     let mut check = runtime.block_on(client.get_multiplexed_async_connection()).expect("Redis is not reachable");
+    let version = runtime.block_on(redis_version(&mut check));
+    results.record(serde_json::json!({"kind": "redis_server", "version": version}));
 
     eprintln!("(a) old way: {updates} updates over {CONNECTIONS} connections, one HSET each...");
     let cpu_before = runtime.block_on(redis_cpu_seconds(&mut check));
@@ -70,12 +75,23 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     let python_rate = python.map(|elapsed| python_updates as f64 / elapsed.as_secs_f64());
     let vs_python = |rate: f64| python_rate.map_or("-".to_string(), |p| format!("{:.1}", rate / p));
+    // `commands`: what Redis executed for the updates (HSETs, or the mirror's script calls).
+    let record =
+        |results: &mut Results, way: &str, n: u64, rate: f64, connections: usize, commands: u64, cpu: Option<f64>| {
+            results.record(serde_json::json!({
+                "kind": "redis", "way": way, "updates": n, "updates_per_s": rate, "connections": connections,
+                "commands": commands, "redis_cpu_us_per_update": cpu,
+            }))
+        };
     if let Some(python_rate) = python_rate {
+        record(&mut results, "python", python_updates, python_rate, CONNECTIONS, python_updates, None);
         println!(
             "| (a) Python scripts: 30 connections, one HSET per update | {python_rate:.0} | {:.2} | 1.0 | {CONNECTIONS} | {python_updates} | - |",
             python_rate / old_rate
         );
     }
+    record(&mut results, "rust", updates, old_rate, CONNECTIONS, updates, Some(per_update(old_cpu)));
+    record(&mut results, "mirror", updates, mirror_rate, connections, scripts, Some(per_update(mirror_cpu)));
     println!(
         "| (a) Rust client: 30 connections, one HSET per update | {old_rate:.0} | 1.0 | {} | {CONNECTIONS} | {updates} | {:.2} µs |",
         vs_python(old_rate),
@@ -97,10 +113,16 @@ fn main() {
         percentile(&lags, 0.99),
         lags.iter().max().copied().unwrap_or(0)
     );
+    results.record(serde_json::json!({
+        "kind": "redis_lag", "offered_per_s": 10_000, "secs": lag_secs, "samples": lags.len(),
+        "p50_ms": percentile(&lags, 0.50), "p99_ms": percentile(&lags, 0.99),
+        "max_ms": lags.iter().max().copied().unwrap_or(0),
+    }));
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+async fn redis_version(conn: &mut redis::aio::MultiplexedConnection) -> String {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await.expect("INFO");
+    info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("?").trim().to_string()
 }
 
 /// Update `i`: its profile, metric name, value and timestamp (newer for every later `i` of the same key).

@@ -1,11 +1,16 @@
-//! What the bench binaries share: the release agent binary as a child process.
+//! What the bench binaries share: the release agent binary as a child process, and the quick mode and
+//! result files of `scripts/bench.sh`.
 
-use std::path::PathBuf;
+// Each bench binary uses a part of this module.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct Agent {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub socket: PathBuf,
     child: Child,
 }
@@ -43,23 +48,40 @@ impl Agent {
             assert!(Instant::now() < deadline, "agent did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Agent { _dir: dir, socket, child }
+        Agent { dir, socket, child }
     }
 
-    #[allow(dead_code)] // Used by one bench binary only.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's directory (config, sockets, `wal/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Resident memory now (VmRSS), 0 once the process is gone.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmRSS:")
+    }
+
     pub fn cpu_seconds(&self) -> f64 {
         process_cpu_seconds(self.child.id())
     }
 
-    #[allow(dead_code)] // Used by one bench binary only.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
+        proc_status_kib(self.child.id(), "VmHWM:")
     }
+}
+
+/// A `kB` field of /proc/<pid>/status (`VmRSS:`, `VmHWM:`), 0 when unreadable.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for Agent {
@@ -77,4 +99,58 @@ pub fn process_cpu_seconds(pid: u32) -> f64 {
         stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `BENCH_QUICK=1`: every bench shortens its default sizes and durations (a smoke test of the whole
+/// `scripts/bench.sh` in a few minutes). Explicit settings (BENCH_SECS, BENCH_ROWS, ...) still win.
+#[allow(dead_code)] // Not every bench binary uses every helper.
+pub fn quick() -> bool {
+    std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The environment variable `name` if set and valid, else `full` (or `quick` in quick mode).
+pub fn setting<T: std::str::FromStr>(name: &str, full: T, quick_value: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) if quick() => quick_value,
+        Err(_) => full,
+    }
+}
+
+/// The workspace root (where `target/` and `docs/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// BENCH_REPORT_DIR, where `scripts/bench.sh` collects every bench's key numbers; a relative path is taken
+/// from the workspace root. `None` when unset: the bench then only prints.
+pub fn report_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("BENCH_REPORT_DIR").filter(|v| !v.is_empty())?);
+    Some(if dir.is_absolute() { dir } else { workspace_root().join(dir) })
+}
+
+/// A bench's result file, `{BENCH_REPORT_DIR}/{name}.jsonl`: one JSON object per line, rewritten by every
+/// run of that bench. Without BENCH_REPORT_DIR, records go nowhere.
+#[allow(dead_code)]
+pub struct Results {
+    file: Option<(PathBuf, std::fs::File)>,
+}
+
+#[allow(dead_code)]
+impl Results {
+    pub fn create(name: &str) -> Results {
+        let file = report_dir().map(|dir| {
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+            let path = dir.join(format!("{name}.jsonl"));
+            let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            (path, file)
+        });
+        Results { file }
+    }
+
+    pub fn record(&mut self, value: serde_json::Value) {
+        if let Some((path, file)) = &mut self.file {
+            writeln!(file, "{value}").unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        }
+    }
 }

@@ -1,0 +1,683 @@
+//! The report of `scripts/bench.sh`: reads the JSON lines every bench wrote to BENCH_REPORT_DIR (default
+//! `target/bench-report`) and writes `docs/benchmarks.md` (ratios within the run, against the old ways and
+//! the ceilings) and `docs/mysql-outage.png` (throughput, backlog and lag through the MySQL outage).
+//! BENCH_DOCS_DIR writes them elsewhere. `cargo bench -p telemetry-agent --bench report` after the benches
+//! (scripts/bench.sh runs it last).
+
+mod common;
+#[path = "common/plot.rs"]
+mod plot;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+fn main() {
+    let dir = common::report_dir().unwrap_or_else(|| common::workspace_root().join("target/bench-report"));
+    let docs = std::env::var_os("BENCH_DOCS_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { common::workspace_root().join(d) })
+        .unwrap_or_else(|| common::workspace_root().join("docs"));
+    let data = Data::load(&dir);
+    if data.lines.is_empty() {
+        eprintln!("report: no results in {} (run scripts/bench.sh)", dir.display());
+        std::process::exit(1);
+    }
+    std::fs::create_dir_all(&docs).unwrap_or_else(|e| panic!("cannot create {}: {e}", docs.display()));
+
+    let outage_png = docs.join("mysql-outage.png");
+    let plotted = match plot_outage(&dir.join("mysql-outage.csv"), &outage_png, &data) {
+        Ok(Some(text)) => {
+            eprintln!("report: wrote {}{}", outage_png.display(), if text { "" } else { " (without text: no font)" });
+            true
+        }
+        Ok(None) => {
+            eprintln!("report: no outage time series in {}; no plot", dir.display());
+            false
+        }
+        Err(e) => {
+            eprintln!("report: cannot plot the outage: {e}");
+            false
+        }
+    };
+    let markdown = render(&data, plotted);
+    let md_path = docs.join("benchmarks.md");
+    std::fs::write(&md_path, &markdown).unwrap_or_else(|e| panic!("cannot write {}: {e}", md_path.display()));
+    eprintln!("report: wrote {}", md_path.display());
+    println!("{markdown}");
+}
+
+/// Every JSON line of `{dir}/*.jsonl`, tagged with its file's stem in `"file"`.
+struct Data {
+    lines: Vec<Value>,
+}
+
+impl Data {
+    fn load(dir: &Path) -> Data {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+        files.sort();
+        let mut lines = Vec::new();
+        for path in files {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                match serde_json::from_str::<Value>(line) {
+                    Ok(Value::Object(mut map)) => {
+                        map.insert("file".into(), Value::String(stem.clone()));
+                        lines.push(Value::Object(map));
+                    }
+                    _ => eprintln!("report: {}:{}: not a JSON object, skipped", path.display(), i + 1),
+                }
+            }
+        }
+        Data { lines }
+    }
+
+    fn all<'a>(&'a self, kind: &str) -> impl Iterator<Item = &'a Value> + 'a {
+        let kind = kind.to_string();
+        self.lines.iter().filter(move |v| v["kind"] == kind.as_str())
+    }
+
+    fn one(&self, kind: &str) -> Option<&Value> {
+        self.all(kind).last()
+    }
+}
+
+fn num(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+/// 1234567.8 -> "1,234,568".
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < -0.5 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b <= 0.0 {
+        return "-".into();
+    }
+    let r = a / b;
+    if r >= 10.0 {
+        format!("{r:.1}x")
+    } else {
+        format!("{r:.2}x")
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+/// A row of the summary table.
+struct Row {
+    area: String,
+    measured: String,
+    against: String,
+    ratio: String,
+    target: String,
+}
+
+fn render(data: &Data, plotted: bool) -> String {
+    let mut md = String::new();
+    let run = data.one("run");
+    let quick = run.and_then(|r| r.get("quick")).and_then(Value::as_bool).unwrap_or(false);
+    let steps: Vec<(String, f64)> =
+        data.all("step").filter_map(|s| Some((s.get("name")?.as_str()?.to_string(), num(s, "secs")?))).collect();
+    let total_secs: f64 = steps.iter().map(|(_, s)| s).sum();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Generated by `{}` on {} ({}). Do not edit by hand: run the command again; the numbers below all come \
+         from that one run.\n",
+        if quick { "BENCH_QUICK=1 scripts/bench.sh" } else { "scripts/bench.sh" },
+        run.and_then(|r| r.get("finished").or(r.get("started"))).and_then(Value::as_str).unwrap_or("an unknown date"),
+        if quick {
+            "**quick mode**: smaller sizes, 1-3 s per case, a 10 s outage, no 5M-row pass; a smoke test, not numbers to quote"
+        } else {
+            "full run: every bench with its default sizes and durations"
+        }
+    );
+    let _ = writeln!(md, "**Machine.** {}\n", machine_summary(data));
+    let _ = writeln!(
+        md,
+        "Everything (load generators, agent, MariaDB, Redis) shares the same cores, and numbers move by about ±20% \
+         between runs on this kind of machine: **compare the ratios within one run**, each taken against a baseline \
+         measured minutes apart on the same machine.\n"
+    );
+
+    let _ = writeln!(md, "## Summary\n");
+    let rows = summary_rows(data);
+    let _ = writeln!(md, "| area | measured | compared with (same run) | ratio | target |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for r in &rows {
+        let _ = writeln!(md, "| {} | {} | {} | {} | {} |", r.area, r.measured, r.against, r.ratio, r.target);
+    }
+    let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "Ratios are *measured ÷ compared with*. The old ways are what the bot scripts did before the agent (one \
+         autocommit INSERT or one HSET per event, a connection per script); (b) is the batching fix proposed \
+         before the agent; the ceilings are what the disk (one fdatasync per write) and MariaDB (LOAD DATA) allow \
+         at best. Targets are the project's (see README, \"Performance\").\n"
+    );
+
+    details(&mut md, data, plotted);
+
+    let _ = writeln!(md, "## How this was produced\n");
+    let _ = writeln!(
+        md,
+        "```sh\nscripts/bench.sh                  # full run (about 10-25 min here)\nBENCH_QUICK=1 scripts/bench.sh    # smoke test (about 3-5 min)\n```\n"
+    );
+    let _ = writeln!(
+        md,
+        "`scripts/bench.sh` makes sure MariaDB and Redis answer (as the tests do), installs redis-py for the Python \
+         baseline when missing, builds every bench in release once, then runs `cargo bench -p telemetry-wal --bench \
+         append` and `cargo bench -p telemetry-agent --bench` `ingest`, `mysql` and `redis`, one after the other, \
+         with `BENCH_REPORT_DIR` set: each bench prints its own tables as before and also writes its numbers as JSON \
+         lines there (`append.jsonl`, `ingest.jsonl`, `mysql.jsonl`, `redis.jsonl`, the outage time series \
+         `mysql-outage.csv`, each bench's output in `*.log`). Last, `cargo bench -p telemetry-agent --bench report` \
+         turns them into this page and `mysql-outage.png`. Every bench still runs alone as README describes.\n"
+    );
+    if !steps.is_empty() {
+        let list: Vec<String> = steps.iter().map(|(n, s)| format!("{n} {}", duration(*s))).collect();
+        let _ = writeln!(md, "This run took {} in all: {}.\n", duration(total_secs), list.join(", "));
+    }
+    let _ = writeln!(
+        md,
+        "The soak test is separate (`cargo bench -p telemetry-agent --bench soak`, 30 min by default; see the \
+         comment at the top of `agent/benches/soak.rs`)."
+    );
+    md
+}
+
+fn duration(secs: f64) -> String {
+    if secs >= 90.0 {
+        format!("{:.1} min", secs / 60.0)
+    } else {
+        format!("{secs:.0} s")
+    }
+}
+
+fn machine_summary(data: &Data) -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or("?".to_string(), |kib| format!("{:.0}", kib / 1024.0 / 1024.0));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let fsync = data.one("fdatasync").and_then(|f| num(f, "per_s"));
+    let mysql = data.one("mysql_server").and_then(|v| v["version"].as_str()).unwrap_or("?");
+    let redis = data.one("redis_server").and_then(|v| v["version"].as_str()).unwrap_or("?");
+    let rustc = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!(
+        "{cores} cores ({model}), {mem_gib} GiB of memory, Linux {kernel}; disk: {} fdatasync/s (4 KiB write + \
+         fdatasync, one thread, measured in this run); MariaDB {mysql} and Redis {redis} with default settings on the \
+         same machine; {rustc}.",
+        fsync.map_or("?".into(), thousands)
+    )
+}
+
+fn summary_rows(data: &Data) -> Vec<Row> {
+    let mut rows = Vec::new();
+    // WAL append against one record per fdatasync.
+    let fsync = data.one("fdatasync").and_then(|f| num(f, "per_s"));
+    for a in data.all("append") {
+        let (Some(p), Some(rate), Some(per_flush), Some(fsync)) =
+            (num(a, "producers"), num(a, "records_per_s"), num(a, "records_per_flush"), fsync)
+        else {
+            continue;
+        };
+        rows.push(Row {
+            area: format!("WAL append, fsync mode, {p:.0} producer{}", if p > 1.0 { "s" } else { "" }),
+            measured: format!("{} records/s ({per_flush:.1} per flush)", thousands(rate)),
+            against: format!("ceiling of one record per fdatasync: {}/s", thousands(fsync)),
+            ratio: ratio(rate, fsync),
+            target: "-".into(),
+        });
+    }
+    // The old way of writing telemetry: one autocommit INSERT per row (empty tables).
+    let mysql_way = |prefill: f64, way: &str| {
+        data.all("mysql").filter(|m| num(m, "prefill") == Some(prefill) && m["way"] == way).last()
+    };
+    let old_a = mysql_way(0.0, "a").and_then(|a| num(a, "rows_per_s"));
+    for i in data.all("ingest") {
+        let (Some(clients), Some(acked)) = (num(i, "clients"), num(i, "acked_per_s")) else { continue };
+        let offered = num(i, "offered_per_s");
+        match offered {
+            None => {
+                let target = match clients as u64 {
+                    64 => format!("≥ 150,000/s: {}", verdict(acked >= 150_000.0)),
+                    900 => num(i, "peak_rss_mib").map_or("-".into(), |rss| {
+                        format!("peak RSS < 128 MiB: {} ({rss:.0} MiB)", verdict(rss < 128.0))
+                    }),
+                    _ => "-".into(),
+                };
+                rows.push(Row {
+                    area: format!(
+                        "Socket ingest, {clients:.0} pipelining client{}",
+                        if clients > 1.0 { "s" } else { "" }
+                    ),
+                    measured: format!("{} acked events/s", thousands(acked)),
+                    against: old_a.map_or("old way (a) not measured".into(), |a| {
+                        format!("old way (a), one INSERT per event over 30 connections: {} rows/s", thousands(a))
+                    }),
+                    ratio: old_a.map_or("-".into(), |a| ratio(acked, a)),
+                    target,
+                });
+            }
+            Some(rate) => {
+                let Some(p99) = num(i, "p99_ms") else { continue };
+                rows.push(Row {
+                    area: format!("Socket ingest, ack p99 at {} events/s from {clients:.0} clients", thousands(rate)),
+                    measured: format!("{p99:.2} ms (p50 {:.2} ms)", num(i, "p50_ms").unwrap_or(0.0)),
+                    against: "target 10 ms".into(),
+                    ratio: ratio(p99, 10.0),
+                    target: format!("< 10 ms: {}", verdict(p99 < 10.0)),
+                });
+            }
+        }
+    }
+    // MySQL: the agent against (a), (b) and the ceiling (c), per pass.
+    let mut prefills: Vec<f64> = data.all("mysql").filter_map(|m| num(m, "prefill")).collect();
+    prefills.sort_by(f64::total_cmp);
+    prefills.dedup();
+    for prefill in prefills {
+        let rate = |way: &str| mysql_way(prefill, way).and_then(|m| num(m, "rows_per_s"));
+        let tables =
+            if prefill > 0.0 { format!("tables holding {} rows", thousands(prefill)) } else { "empty tables".into() };
+        let (a, b, c) = (rate("a"), rate("b"), rate("c"));
+        for (way, what, targets) in [
+            ("d", "agent catch-up of a WAL backlog", [None, Some(1.6), Some(0.8)]),
+            ("e", "agent end to end, 64 socket clients", [None, None, Some(0.6)]),
+        ] {
+            let Some(rate) = rate(way) else { continue };
+            let baselines = [
+                ("(a) old way, one autocommit INSERT per row, 30 connections", a),
+                ("(b) pool of 5, 50-row INSERT per commit", b),
+                ("(c) LOAD DATA, the ceiling", c),
+            ];
+            for (k, ((name, base), target)) in baselines.iter().zip(targets).enumerate() {
+                let Some(base) = base else { continue };
+                rows.push(Row {
+                    area: if k == 0 { format!("MySQL ({way}) {what}, {tables}") } else { "".into() },
+                    measured: if k == 0 { format!("{} rows/s", thousands(rate)) } else { "".into() },
+                    against: format!("{name}: {} rows/s", thousands(*base)),
+                    ratio: ratio(rate, *base),
+                    target: target.map_or("-".into(), |t| format!("≥ {t}x: {}", verdict(rate >= t * base))),
+                });
+            }
+        }
+    }
+    if let Some(o) = data.one("outage") {
+        let c = mysql_way(0.0, "c").and_then(|c| num(c, "rows_per_s"));
+        if let Some(drain) = num(o, "drain_rows_per_s") {
+            rows.push(Row {
+                area: format!(
+                    "MySQL outage of {:.0} s at {} events/s: drain after reconnect",
+                    num(o, "outage_secs").unwrap_or(0.0),
+                    thousands(num(o, "offered_per_s").unwrap_or(0.0))
+                ),
+                measured: format!(
+                    "{} rows/s; backlog of {} drained in {:.1} s",
+                    thousands(drain),
+                    thousands(num(o, "backlog_at_reconnect").unwrap_or(0.0)),
+                    num(o, "drain_secs").unwrap_or(0.0)
+                ),
+                against: c.map_or("-".into(), |c| format!("(c) LOAD DATA, the ceiling: {} rows/s", thousands(c))),
+                ratio: c.map_or("-".into(), |c| ratio(drain, c)),
+                target: format!(
+                    "nothing lost: {} ({} acked, {} rows)",
+                    verdict(num(o, "acked") == num(o, "rows")),
+                    thousands(num(o, "acked").unwrap_or(0.0)),
+                    thousands(num(o, "rows").unwrap_or(0.0))
+                ),
+            });
+        }
+    }
+    // Redis: the mirror against the old way.
+    let redis = |way: &str| data.all("redis").filter(|r| r["way"] == way).last();
+    if let Some(mirror) = redis("mirror") {
+        let m = num(mirror, "updates_per_s").unwrap_or(0.0);
+        let mut first = true;
+        for (way, name) in [
+            ("python", "old way (a), Python scripts (redis-py), one HSET per update, 30 connections"),
+            ("rust", "old way (a) from a Rust client, same round trips, 30 connections"),
+        ] {
+            let Some(base) = redis(way).and_then(|r| num(r, "updates_per_s")) else { continue };
+            rows.push(Row {
+                area: if first {
+                    "Redis mirror, end to end (30 clients → 1 Redis connection)".into()
+                } else {
+                    "".into()
+                },
+                measured: if first {
+                    format!(
+                        "{} updates/s over {:.0} connection",
+                        thousands(m),
+                        num(mirror, "connections").unwrap_or(0.0)
+                    )
+                } else {
+                    "".into()
+                },
+                against: format!("{name}: {} updates/s", thousands(base)),
+                ratio: ratio(m, base),
+                target: format!("≥ 10x: {}", verdict(m >= 10.0 * base)),
+            });
+            first = false;
+        }
+    }
+    if let Some(lag) = data.one("redis_lag") {
+        if let Some(p99) = num(lag, "p99_ms") {
+            rows.push(Row {
+                area: format!(
+                    "Redis mirror lag p99 at {} metrics/s",
+                    thousands(num(lag, "offered_per_s").unwrap_or(0.0))
+                ),
+                measured: format!("{p99:.0} ms (p50 {:.0} ms)", num(lag, "p50_ms").unwrap_or(0.0)),
+                against: "target 200 ms".into(),
+                ratio: ratio(p99, 200.0),
+                target: format!("< 200 ms: {}", verdict(p99 < 200.0)),
+            });
+        }
+    }
+    rows
+}
+
+fn details(md: &mut String, data: &Data, plotted: bool) {
+    let _ = writeln!(md, "## Details\n");
+    if data.one("fdatasync").is_some() {
+        let _ = writeln!(md, "### WAL append (`cargo bench -p telemetry-wal --bench append`)\n");
+        let _ = writeln!(
+            md,
+            "fsync mode, 180-byte records, each producer waiting for its ack before its next append. The second \
+             ratio compares with what the disk allows for the group size reached (fdatasync rate × records per \
+             flush).\n"
+        );
+        let fsync = data.one("fdatasync").and_then(|f| num(f, "per_s")).unwrap_or(0.0);
+        let _ = writeln!(md, "| producers | records/s | records per flush | flushes/s | ÷ fdatasync rate | ÷ (fdatasync rate × records per flush) |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for a in data.all("append") {
+            let g = |k| num(a, k).unwrap_or(0.0);
+            let _ = writeln!(
+                md,
+                "| {:.0} | {} | {:.1} | {} | {} | {} |",
+                g("producers"),
+                thousands(g("records_per_s")),
+                g("records_per_flush"),
+                thousands(g("flushes_per_s")),
+                ratio(g("records_per_s"), fsync),
+                ratio(g("records_per_s"), g("ceiling_per_s"))
+            );
+        }
+        let _ = writeln!(md, "\nRaw fdatasync rate in the same run: {}/s.\n", thousands(fsync));
+    }
+    if data.one("ingest").is_some() {
+        let _ = writeln!(md, "### Socket ingest (`cargo bench -p telemetry-agent --bench ingest`)\n");
+        let _ = writeln!(
+            md,
+            "Release agent binary, clients pipelining up to 512 metric lines each (or paced at the offered rate); \
+             the load generator runs on the same cores.\n"
+        );
+        let _ = writeln!(md, "| clients | offered | acked events/s | ack p50 | ack p99 | agent peak RSS |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for i in data.all("ingest") {
+            let g = |k| num(i, k).unwrap_or(0.0);
+            let offered = num(i, "offered_per_s").map_or("as fast as acked".into(), |r| format!("{}/s", thousands(r)));
+            let _ = writeln!(
+                md,
+                "| {:.0} | {offered} | {} | {:.2} ms | {:.2} ms | {:.1} MiB |",
+                g("clients"),
+                thousands(g("acked_per_s")),
+                g("p50_ms"),
+                g("p99_ms"),
+                g("peak_rss_mib")
+            );
+        }
+        let _ = writeln!(md);
+    }
+    if data.one("mysql").is_some() {
+        let _ = writeln!(md, "### MySQL write paths (`cargo bench -p telemetry-agent --bench mysql`)\n");
+        let _ = writeln!(
+            md,
+            "Same MariaDB, same rows (75% metrics, 25% trades, time-ordered ids); client and server share the cores.\n"
+        );
+        let mut by_prefill: BTreeMap<u64, Vec<&Value>> = BTreeMap::new();
+        for m in data.all("mysql") {
+            by_prefill.entry(num(m, "prefill").unwrap_or(0.0) as u64).or_default().push(m);
+        }
+        for (prefill, ways) in by_prefill {
+            let c = ways.iter().find(|m| m["way"] == "c").and_then(|m| num(m, "rows_per_s"));
+            let b_cpu = ways.iter().find(|m| m["way"] == "b").and_then(|m| num(m, "server_cpu_s_per_100k"));
+            let _ = writeln!(md, "Tables holding {} rows at start:\n", thousands(prefill as f64));
+            let _ = writeln!(
+                md,
+                "| way | rows | rows/s | ÷ (c) | connections | server CPU s / 100k rows | ÷ (b) | agent CPU s / 100k rows | agent peak RSS |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+            for m in ways {
+                let g = |k| num(m, k).unwrap_or(0.0);
+                let opt = |k: &str, unit: &str| num(m, k).map_or("-".to_string(), |v| format!("{v:.2}{unit}"));
+                let _ = writeln!(
+                    md,
+                    "| ({}) {} | {} | {} | {} | {:.0} | {:.2} | {} | {} | {} |",
+                    m["way"].as_str().unwrap_or("?"),
+                    m["label"].as_str().unwrap_or(""),
+                    thousands(g("rows")),
+                    thousands(g("rows_per_s")),
+                    c.map_or("-".into(), |c| ratio(g("rows_per_s"), c)),
+                    g("connections"),
+                    g("server_cpu_s_per_100k"),
+                    b_cpu.map_or("-".into(), |b| ratio(g("server_cpu_s_per_100k"), b)),
+                    opt("agent_cpu_s_per_100k", ""),
+                    num(m, "agent_peak_rss_mib").map_or("-".into(), |v| format!("{v:.0} MiB"))
+                );
+            }
+            let _ = writeln!(md);
+        }
+    }
+    if let Some(o) = data.one("outage") {
+        let g = |k| num(o, k).unwrap_or(0.0);
+        let _ = writeln!(md, "### MySQL outage and catch-up\n");
+        let _ = writeln!(
+            md,
+            "{} events/s offered by 64 clients; MySQL unreachable (a gate in front of it refuses and cuts connections) \
+             from t = {:.0} s for {:.0} s; sending goes on {:.0} s after it. Sampled every {:.0} ms: events acked, \
+             rows committed to MySQL (the agent's committed offset), the backlog held in the WAL (acked − written) and \
+             the lag (how long ago the oldest event not yet in MySQL was acked).\n",
+            thousands(g("offered_per_s")),
+            g("outage_from_s"),
+            g("outage_secs"),
+            g("tail_secs"),
+            g("sample_ms")
+        );
+        if plotted {
+            let _ = writeln!(md, "![throughput, backlog and lag during a MySQL outage](mysql-outage.png)\n");
+        }
+        let _ = writeln!(
+            md,
+            "- acked: {} events, all of them answered `ok` during the outage too; rows in MySQL at the end: {} (COUNT(*))\n\
+             - largest backlog: {} events; backlog at reconnect: {}; drained in {:.1} s at {} rows/s while new events \
+             kept arriving; fastest second: {} rows/s\n\
+             - largest lag: {:.1} s (the outage itself plus the drain)\n",
+            thousands(g("acked")),
+            thousands(g("rows")),
+            thousands(g("max_backlog")),
+            thousands(g("backlog_at_reconnect")),
+            g("drain_secs"),
+            thousands(g("drain_rows_per_s")),
+            thousands(g("peak_written_per_s")),
+            g("max_lag_s")
+        );
+    }
+    if data.one("redis").is_some() {
+        let _ = writeln!(md, "### Redis mirror (`cargo bench -p telemetry-agent --bench redis`)\n");
+        let _ = writeln!(
+            md,
+            "Metric updates to 300 profiles × 10 metrics. The old way sends one HSET round trip per update over 30 \
+             connections; the mirror gets the same updates from 30 pipelining socket clients and is timed until \
+             Redis holds the newest value of every key.\n"
+        );
+        let python = data.all("redis").filter(|r| r["way"] == "python").last().and_then(|r| num(r, "updates_per_s"));
+        let _ = writeln!(
+            md,
+            "| way | updates | updates/s | ÷ Python (a) | Redis connections | Redis commands | Redis CPU per update |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        for r in data.all("redis") {
+            let g = |k| num(r, k).unwrap_or(0.0);
+            let name = match r["way"].as_str() {
+                Some("python") => "(a) Python scripts (redis-py), one HSET per update",
+                Some("rust") => "(a) Rust client, one HSET per update",
+                Some("mirror") => "(b) agent mirror, end to end",
+                _ => "?",
+            };
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {} | {} | {:.0} | {}{} | {} |",
+                thousands(g("updates")),
+                thousands(g("updates_per_s")),
+                python.map_or("-".into(), |p| ratio(g("updates_per_s"), p)),
+                g("connections"),
+                thousands(g("commands")),
+                if r["way"] == "mirror" { " script calls" } else { "" },
+                num(r, "redis_cpu_us_per_update").map_or("-".into(), |v| format!("{v:.2} µs"))
+            );
+        }
+        if python.is_none() {
+            let _ = writeln!(md, "\n(The Python row is missing: python3 with redis-py was not available.)");
+        }
+        if let Some(lag) = data.one("redis_lag") {
+            let g = |k| num(lag, k).unwrap_or(0.0);
+            let _ = writeln!(
+                md,
+                "\nMirror lag (event sent until Redis shows it, polled every 2 ms) at {} metrics/s from 30 clients for \
+                 {:.0} s: {} samples, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms.",
+                thousands(g("offered_per_s")),
+                g("secs"),
+                thousands(g("samples")),
+                g("p50_ms"),
+                g("p99_ms"),
+                g("max_ms")
+            );
+        }
+        let _ = writeln!(md);
+    }
+}
+
+/// Plots `mysql-outage.csv`; `Ok(None)` without one, else whether text was drawn.
+fn plot_outage(csv: &Path, png: &Path, data: &Data) -> Result<Option<bool>, String> {
+    let Ok(text) = std::fs::read_to_string(csv) else { return Ok(None) };
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().ok_or("empty CSV")?.split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).ok_or(format!("no column {name}"));
+    let (t, gate, acked_s, written_s, backlog, lag) =
+        (col("t_s")?, col("gate_open")?, col("acked_per_s")?, col("written_per_s")?, col("backlog")?, col("lag_s")?);
+    let rows: Vec<Vec<f64>> = lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(',').map(|v| v.trim().parse::<f64>().map_err(|e| format!("{l:?}: {e}"))).collect())
+        .collect::<Result<_, _>>()?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let series = |c: usize| rows.iter().map(|r| (r[t], r[c])).collect::<Vec<_>>();
+    // The outage window: from the first closed sample to the next open one.
+    let mut shaded = Vec::new();
+    let mut from = None;
+    for r in &rows {
+        match (r[gate] == 0.0, from) {
+            (true, None) => from = Some(r[t]),
+            (false, Some(f)) => {
+                shaded.push((f, r[t]));
+                from = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(f) = from {
+        shaded.push((f, rows.last().map_or(f, |r| r[t])));
+    }
+    let o = data.one("outage");
+    let rate = o.and_then(|o| num(o, "offered_per_s")).unwrap_or(5000.0);
+    let secs = o.and_then(|o| num(o, "outage_secs")).unwrap_or(0.0);
+    let figure = plot::Figure {
+        title: format!("MySQL outage: {} events/s offered, MySQL unreachable for {secs:.0} s", thousands(rate)),
+        x_desc: "time since start (s)".into(),
+        shaded,
+        shade_label: "MySQL unreachable".into(),
+        panels: vec![
+            plot::Panel {
+                title: "throughput (1 s window)".into(),
+                y_desc: "events/s".into(),
+                y2_desc: None,
+                series: vec![
+                    plot::Series {
+                        label: "acked by the agent".into(),
+                        color: plot::TAB_BLUE,
+                        points: series(acked_s),
+                        right: false,
+                    },
+                    plot::Series {
+                        label: "rows written to MySQL".into(),
+                        color: plot::TAB_ORANGE,
+                        points: series(written_s),
+                        right: false,
+                    },
+                ],
+            },
+            plot::Panel {
+                title: "held in the WAL, and lag".into(),
+                y_desc: "backlog (events acked, not in MySQL)".into(),
+                y2_desc: Some("lag (s)".into()),
+                series: vec![
+                    plot::Series {
+                        label: "backlog".into(),
+                        color: plot::TAB_PURPLE,
+                        points: series(backlog),
+                        right: false,
+                    },
+                    plot::Series {
+                        label: "lag: age of the oldest event not in MySQL".into(),
+                        color: plot::TAB_RED,
+                        points: series(lag),
+                        right: true,
+                    },
+                ],
+            },
+        ],
+        size: (1200, 800),
+    };
+    plot::draw(png, &figure).map(Some)
+}
