@@ -1,5 +1,5 @@
 //! The MySQL forwarder: tails the WAL from cursor `mysql` and writes each batch as one transaction — a
-//! multi-row `INSERT ... ON DUPLICATE KEY UPDATE id = id` per table plus the `telemetry_offsets` row — so a
+//! multi-row `INSERT ... ON DUPLICATE KEY UPDATE event_id = event_id` per table plus the `telemetry_offsets` row — so a
 //! batch is in MySQL exactly once however often it is sent. After COMMIT the local cursor moves, which lets
 //! the WAL truncate.
 
@@ -663,13 +663,23 @@ pub async fn write_rows(
             .map(|(record, event)| effective_event_id(event.client_event_id(), agent_id, record.seq))
             .collect();
         if table_inserted < ids.len() as u64 {
-            // MySQL called some rows duplicates. Make sure they are there: under concurrent transactions on the
-            // same event ids (an abandoned attempt of this batch still holding its rows, then rolled back) InnoDB
-            // was seen reporting rows as duplicates that then did not exist. Retry rather than lose them.
+            // MySQL called some rows duplicates. Make sure they are there before the offset moves past them:
+            // with `id = id` in the update clause MariaDB dropped rows as duplicates of rows they were not
+            // (see `insert_sql`); this check is what caught it, and it stays for whatever else could.
             let sql = format!("SELECT COUNT(*) FROM {table} WHERE event_id IN ({})", vec!["?"; ids.len()].join(","));
             let present: Option<u64> = tx.exec_first(sql, ids.iter().collect::<Vec<_>>()).await?;
             let present = present.unwrap_or(0);
             if present < ids.len() as u64 {
+                tracing::warn!(
+                    table,
+                    rows = rows.len(),
+                    distinct_ids = ids.len(),
+                    inserted = table_inserted,
+                    present,
+                    first_seq = rows.first().map(|(r, _)| r.seq),
+                    last_seq = rows.last().map(|(r, _)| r.seq),
+                    "MySQL reported rows as already present that are not there; rolling back and retrying the batch"
+                );
                 return Err(mysql_async::Error::Other(
                     format!(
                         "{} of {} rows in {table} were reported as already present but are not there; retrying",
@@ -714,12 +724,17 @@ const TRADE_COLUMNS: &[&str] = &[
     "received_at",
 ];
 
-/// `INSERT INTO t (cols) VALUES (?,..),(?,..) ON DUPLICATE KEY UPDATE id = id` for `rows` rows. The update
-/// makes a re-sent row a no-op without `INSERT IGNORE`, which would hide data errors as warnings.
+/// `INSERT INTO t (cols) VALUES (?,..),(?,..) ON DUPLICATE KEY UPDATE event_id = event_id` for `rows` rows.
+/// The update makes a re-sent row a no-op without `INSERT IGNORE`, which would hide data errors as warnings.
+/// It must not assign the AUTO_INCREMENT `id` (`id = id`): MariaDB then moves the statement's next id past the
+/// duplicate's, and when that row got its id from a transaction that reserved ids after this statement did
+/// (a resent event in a concurrent batch), the rows after it take ids that transaction already used, hit the
+/// primary key, and are dropped as "duplicates" (the test
+/// `a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it` shows it).
 fn insert_sql(table: &str, columns: &[&str], rows: usize) -> String {
     let row = format!("({})", vec!["?"; columns.len()].join(","));
     format!(
-        "INSERT INTO {table} ({}) VALUES {} ON DUPLICATE KEY UPDATE id = id",
+        "INSERT INTO {table} ({}) VALUES {} ON DUPLICATE KEY UPDATE event_id = event_id",
         columns.join(","),
         vec![row.as_str(); rows].join(",")
     )
@@ -807,7 +822,7 @@ mod tests {
             assert!(columns.len() * CHUNK_ROWS[0] < 65_535);
         }
         let sql = insert_sql("t", &["a", "b"], 2);
-        assert_eq!(sql, "INSERT INTO t (a,b) VALUES (?,?),(?,?) ON DUPLICATE KEY UPDATE id = id");
+        assert_eq!(sql, "INSERT INTO t (a,b) VALUES (?,?),(?,?) ON DUPLICATE KEY UPDATE event_id = event_id");
     }
 
     #[test]

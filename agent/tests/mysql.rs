@@ -384,3 +384,90 @@ fn an_offset_beyond_the_wal_is_not_trusted() {
     db.wait_for_rows("dd_metrics", 20, 30);
     assert_exactly_once(&db, &acked);
 }
+
+/// The lost events of the chaos runs, made deterministic. Batch B reserves its AUTO_INCREMENT ids, then waits
+/// on a lock (an abandoned transaction holding B's first event); batch C, which holds a resent event that is
+/// also in B, commits meanwhile with later ids; then the lock goes. With `ON DUPLICATE KEY UPDATE id = id`
+/// MariaDB moved B's next id past C's copy of the resent event, the rows after it collided with C's ids and
+/// were dropped as duplicates, and B's offset passed events that were not there.
+#[test]
+fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
+    use mysql_async::prelude::Queryable;
+    use telemetry_agent::event::{parse_line, Event};
+    use telemetry_wal::Record;
+
+    let db = TestDb::migrated();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let config = telemetry_agent::config::MysqlConfig { url: db.url(), write_timeout_ms: 20_000, ..Default::default() };
+    let pool = telemetry_agent::forward::pool(&config).unwrap();
+    let batch = |first_seq: u64, ids: &[&str]| -> Vec<(Record, Event)> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let line = format!(r#"{{"kind":"metric","profile_id":"p","name":"m","value":{i},"event_id":"{id}"}}"#);
+                let record = Record { seq: first_seq + i as u64, appended_at_ms: 0, payload: Vec::new() };
+                (record, parse_line(line.as_bytes(), 0).unwrap())
+            })
+            .collect()
+    };
+    // Ten rows each: one statement per batch (the forwarder sends 1000, 300, 100, 30, 10, 3 or 1 rows at once).
+    let b = batch(1, &["a-held", "b-2", "b-3", "resent", "b-5", "b-6", "b-7", "b-8", "b-9", "b-10"]);
+    let c = batch(11, &["resent", "c-2", "c-3", "c-4", "c-5", "c-6", "c-7", "c-8", "c-9", "c-10"]);
+
+    runtime.block_on(async {
+        // The abandoned transaction: holds the lock on B's first event.
+        let mut holder = pool.get_conn().await.unwrap();
+        holder.query_drop("START TRANSACTION").await.unwrap();
+        holder
+            .exec_drop(
+                "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, received_at) \
+                 VALUES ('a-held', 'gone', 0, 'p', 'm', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+                (),
+            )
+            .await
+            .unwrap();
+        let b_write = tokio::spawn({
+            let pool = pool.clone();
+            async move { telemetry_agent::forward::write_rows(&pool, "test-agent", &b, || 10).await }
+        });
+        // B is waiting on the held lock (its ids reserved) once its INSERT runs and does not finish.
+        let mut probe = pool.get_conn().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        loop {
+            let running: Option<u64> = probe
+                .query_first(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE db = DATABASE() \
+                     AND info LIKE 'INSERT INTO dd_metrics%'",
+                )
+                .await
+                .unwrap();
+            if running == Some(1) {
+                break;
+            }
+            assert!(!b_write.is_finished(), "batch B did not wait on the held lock: {:?}", b_write.await);
+            assert!(Instant::now() < deadline, "batch B never started its INSERT");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!b_write.is_finished(), "batch B did not wait on the held lock");
+        let c_written = telemetry_agent::forward::write_rows(&pool, "test-agent", &c, || 20).await.unwrap();
+        assert_eq!(c_written.inserted, 10);
+        holder.query_drop("ROLLBACK").await.unwrap();
+        let b_written = b_write.await.unwrap().expect("batch B commits");
+        assert_eq!((b_written.inserted, b_written.already_present), (9, 1), "batch B: {b_written:?}");
+        drop((holder, probe));
+        pool.disconnect().await.unwrap();
+    });
+
+    let mut stored = stored_ids(&db);
+    stored.sort();
+    let mut expected: Vec<String> = ["a-held", "resent"]
+        .into_iter()
+        .map(String::from)
+        .chain((2..=10).flat_map(|i| [format!("b-{i}"), format!("c-{i}")]))
+        .filter(|id| id != "b-4")
+        .collect();
+    expected.sort();
+    assert_eq!(stored, expected);
+    assert_eq!(db.query::<u64>("SELECT last_seq FROM telemetry_offsets"), vec![20]);
+}
