@@ -4,7 +4,8 @@
 #
 #   scripts/bench.sh                  # full run: every bench with its default sizes and durations
 #   BENCH_QUICK=1 scripts/bench.sh    # smoke test: everything shortened (about 3-5 minutes)
-#   scripts/bench.sh soak             # the soak run alone (SOAK_SECS, default 1800; see agent/benches/soak.rs)
+#   scripts/bench.sh soak             # the soak run alone, then docs/soak.md and docs/soak.png (SOAK_SECS,
+#                                     # default 1800; see agent/benches/soak.rs)
 #
 # Makes sure MariaDB and Redis answer (scripts/services.sh, as the tests do) and installs redis-py for the
 # Python baseline when it is missing, builds every bench in release once, then runs them one after the other

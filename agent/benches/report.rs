@@ -16,10 +16,7 @@ use serde_json::Value;
 
 fn main() {
     let dir = common::report_dir().unwrap_or_else(|| common::workspace_root().join("target/bench-report"));
-    let docs = std::env::var_os("BENCH_DOCS_DIR")
-        .map(PathBuf::from)
-        .map(|d| if d.is_absolute() { d } else { common::workspace_root().join(d) })
-        .unwrap_or_else(|| common::workspace_root().join("docs"));
+    let docs = common::docs_dir();
     let data = Data::load(&dir);
     if data.lines.is_empty() {
         eprintln!("report: no results in {} (run scripts/bench.sh)", dir.display());
@@ -205,8 +202,8 @@ fn render(data: &Data, plotted: bool) -> String {
     }
     let _ = writeln!(
         md,
-        "The soak test is separate (`cargo bench -p telemetry-agent --bench soak`, 30 min by default; see the \
-         comment at the top of `agent/benches/soak.rs`)."
+        "The soak test is separate (`scripts/bench.sh soak`, 30 min by default); its last result is in \
+         [soak.md](soak.md)."
     );
     md
 }

@@ -17,7 +17,7 @@
 //! SOAK_CUT_EVERY_SECS (default 60; 0: no cuts), SOAK_CUT_SECS (default 5), SOAK_SAMPLE_SECS (default
 //! 10), SOAK_FLAT_MIB (default 10), TELEMETRY_TEST_MYSQL_URL, TELEMETRY_TEST_REDIS_URL, BENCH_AGENT_CONFIG
 //! (lines for the agent's `[mysql]` section), BENCH_REPORT_DIR (default `target/bench-report`: `soak.csv`
-//! and `soak.png` go there).
+//! goes there), BENCH_DOCS_DIR (default `docs/`: the summary `soak.md` and the plot `soak.png` go there).
 
 mod common;
 #[path = "common/mysql.rs"]
@@ -210,54 +210,66 @@ async fn soak() -> bool {
     let cuts = cuts.lock().map(|c| c.clone()).unwrap_or_default();
     drop(agent);
 
-    // Files.
+    // Files: the samples beside the other benches' results; the summary and the plot are published.
     let csv = out_dir.join("soak.csv");
     write_csv(&csv, &samples).unwrap_or_else(|e| panic!("cannot write {}: {e}", csv.display()));
-    let png = out_dir.join("soak.png");
+    let docs = common::docs_dir();
+    std::fs::create_dir_all(&docs).unwrap_or_else(|e| panic!("cannot create {}: {e}", docs.display()));
+    let png = docs.join("soak.png");
     let plotted = plot_soak(&png, &samples, &cuts, &Run { rate, secs, cut_every, sample_secs });
 
-    // Summary.
     let rows_ok = rows == acked && acked > 0;
-    println!(
-        "\nsoak summary: {load_secs:.0} s{} at {rate} events/s offered from {clients} clients; MySQL cut {} times for \
-         {cut_secs} s",
-        if interrupted { " (interrupted)" } else { "" },
-        cuts.len()
-    );
-    println!(
-        "  events: {acked} acked ({:.0}/s), {refused} refused{}; rows in MySQL: {rows} (COUNT(*), {caught_up_secs:.1} s \
-         after the load stopped): {}",
-        acked as f64 / load_secs,
-        load.first_refusal.lock().ok().and_then(|r| r.clone()).map_or(String::new(), |r| format!(" (first: {r})")),
-        if rows_ok { "every acked event is there".to_string() } else { format!("MISMATCH: {} missing", acked as i64 - rows as i64) }
-    );
-    println!("  Redis: {profiles} profiles mirrored (of 300)");
     let rss = trend(&samples, |s| s.rss_mib, flat_mib);
     let wal = trend(&samples, |s| s.wal_mib, flat_mib);
-    println!("  {}", rss.line("agent RSS"));
-    println!("  {}", wal.line("WAL disk"));
+    let flat = rss.flat && wal.flat;
+    let mut summary = vec![
+        format!(
+            "soak summary: {load_secs:.0} s{} at {rate} events/s offered from {clients} clients; MySQL cut {} times \
+             for {cut_secs} s; WAL retain_secs {retain_secs}",
+            if interrupted { " (interrupted)" } else { "" },
+            cuts.len()
+        ),
+        format!(
+            "  events: {acked} acked ({:.0}/s), {refused} refused{}; rows in MySQL: {rows} (COUNT(*), \
+             {caught_up_secs:.1} s after the load stopped): {}",
+            acked as f64 / load_secs,
+            load.first_refusal.lock().ok().and_then(|r| r.clone()).map_or(String::new(), |r| format!(" (first: {r})")),
+            if rows_ok {
+                "every acked event is there".to_string()
+            } else {
+                format!("MISMATCH: {} missing", acked as i64 - rows as i64)
+            }
+        ),
+        format!("  Redis: {profiles} profiles mirrored (of 300)"),
+        format!("  {}", rss.line("agent RSS")),
+        format!("  {}", wal.line("WAL disk")),
+    ];
     if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
-        println!(
+        summary.push(format!(
             "  open fds: {} at start, {} at the end; threads: {} / {}; agent CPU: {:.0}% of a core on average",
             first.fds,
             last.fds,
             first.threads,
             last.threads,
             (last.cpu_s - first.cpu_s) / (last.t - first.t).max(1.0) * 100.0
-        );
+        ));
     }
-    let flat = rss.flat && wal.flat;
-    println!(
+    summary.push(format!(
         "  verdict: {} (flat: fitted growth over the second half under {flat_mib} MiB or 5% of the middle value, \
          whichever is larger)",
         if flat { "flat" } else { "GROWING" }
-    );
+    ));
+    println!("\n{}", summary.join("\n"));
+    let md = docs.join("soak.md");
+    std::fs::write(&md, soak_markdown(&summary, plotted.is_ok()))
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", md.display()));
     println!(
-        "  samples: {}{}",
+        "  samples: {}; summary: {}{}",
         csv.display(),
+        md.display(),
         match plotted {
-            Ok(true) => format!(", plot: {}", png.display()),
-            Ok(false) => format!(", plot (without text, no font found): {}", png.display()),
+            Ok(true) => format!("; plot: {}", png.display()),
+            Ok(false) => format!("; plot (without text, no font found): {}", png.display()),
             Err(e) => format!(" (no plot: {e})"),
         }
     );
@@ -446,6 +458,28 @@ fn trend(samples: &[Sample], value: impl Fn(&Sample) -> f64, flat_mib: f64) -> T
         threshold,
         flat: growth < threshold,
     }
+}
+
+/// `docs/soak.md`: the run's summary as printed, and its plot.
+fn soak_markdown(summary: &[String], plotted: bool) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let finished = now
+        .replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_or_else(|_| String::new(), |d| format!("; finished {d}"));
+    let mut md = format!(
+        "# Soak\n\nWritten by `scripts/bench.sh soak` (`cargo bench -p telemetry-agent --bench soak`; settings in the \
+         comment at the top of `agent/benches/soak.rs`{finished}). The release agent runs as a child process under a \
+         steady paced load while a gate cuts its MySQL connections now and then; agent RSS (VmRSS) and the WAL \
+         directory's disk use (allocated blocks) are sampled throughout. \"Flat\" means the growth fitted over the \
+         second half stays under the threshold. At the end every acked event must be in MySQL (COUNT(*)).\n\n```\n{}\n```\n",
+        summary.join("\n")
+    );
+    if plotted {
+        md += "\n![agent RSS, WAL disk use and backlog over the soak](soak.png)\n";
+    }
+    md
 }
 
 fn write_csv(path: &Path, samples: &[Sample]) -> std::io::Result<()> {

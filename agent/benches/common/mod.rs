@@ -129,6 +129,16 @@ pub fn report_dir() -> Option<PathBuf> {
     Some(if dir.is_absolute() { dir } else { workspace_root().join(dir) })
 }
 
+/// BENCH_DOCS_DIR (default `docs/`), where the published report goes; a relative path is taken from the
+/// workspace root.
+pub fn docs_dir() -> PathBuf {
+    match std::env::var_os("BENCH_DOCS_DIR").filter(|v| !v.is_empty()).map(PathBuf::from) {
+        Some(dir) if dir.is_absolute() => dir,
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("docs"),
+    }
+}
+
 /// A bench's result file, `{BENCH_REPORT_DIR}/{name}.jsonl`: one JSON object per line, rewritten by every
 /// run of that bench. Without BENCH_REPORT_DIR, records go nowhere.
 #[allow(dead_code)]
