@@ -488,8 +488,8 @@ fn soak_markdown(summary: &[String], plotted: bool) -> String {
         "# Soak\n\nWritten by `scripts/bench.sh soak` (`cargo bench -p telemetry-agent --bench soak`; settings in the \
          comment at the top of `agent/benches/soak.rs`{finished}). The release agent runs as a child process under a \
          steady paced load while a gate cuts its MySQL connections now and then; agent RSS (VmRSS) and the WAL \
-         directory's disk use (allocated blocks) are sampled throughout. \"Flat\" means the growth fitted over the \
-         second half stays under the threshold. At the end every acked event must be in MySQL (COUNT(*)).\n\n```\n{}\n```\n",
+         directory's disk use (allocated blocks) are sampled throughout. \"Flat\" means the peak of the last quarter \
+         exceeds the peak of the second quarter by less than the threshold. At the end every acked event must be in MySQL (COUNT(*)).\n\n```\n{}\n```\n",
         summary.join("\n")
     );
     if plotted {
