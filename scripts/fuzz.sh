@@ -19,14 +19,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 secs="${FUZZ_SECS:-600}"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(protocol_line wal_record)
 cd "$root/fuzz"
+[ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo fuzz list)
 export RUSTC_BOOTSTRAP=1
 for target in "${targets[@]}"; do
     scratch="$root/target/fuzz-corpus/$target"
     mkdir -p "$scratch"
     echo "=== fuzz: $target for ${secs} s (seeds: fuzz/corpus/$target, found inputs: ${scratch#"$root"/})" >&2
-    # -print_final_stats: executions and coverage at the end, for the closing report.
+    # -print_final_stats: executions, new inputs and peak RSS at the end.
     cargo fuzz run "$target" "$scratch" "corpus/$target" -- \
         -max_total_time="$secs" -rss_limit_mb=1024 -malloc_limit_mb=64 -print_final_stats=1
 done

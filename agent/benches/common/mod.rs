@@ -125,18 +125,19 @@ pub fn workspace_root() -> PathBuf {
 /// BENCH_REPORT_DIR, where `scripts/bench.sh` collects every bench's key numbers; a relative path is taken
 /// from the workspace root. `None` when unset: the bench then only prints.
 pub fn report_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(std::env::var_os("BENCH_REPORT_DIR").filter(|v| !v.is_empty())?);
-    Some(if dir.is_absolute() { dir } else { workspace_root().join(dir) })
+    dir_setting("BENCH_REPORT_DIR")
 }
 
 /// BENCH_DOCS_DIR (default `docs/`), where the published report goes; a relative path is taken from the
 /// workspace root.
 pub fn docs_dir() -> PathBuf {
-    match std::env::var_os("BENCH_DOCS_DIR").filter(|v| !v.is_empty()).map(PathBuf::from) {
-        Some(dir) if dir.is_absolute() => dir,
-        Some(dir) => workspace_root().join(dir),
-        None => workspace_root().join("docs"),
-    }
+    dir_setting("BENCH_DOCS_DIR").unwrap_or_else(|| workspace_root().join("docs"))
+}
+
+/// The directory in the environment variable `name`, relative to the workspace root unless absolute.
+fn dir_setting(name: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os(name).filter(|v| !v.is_empty())?);
+    Some(if dir.is_absolute() { dir } else { workspace_root().join(dir) })
 }
 
 /// A bench's result file, `{BENCH_REPORT_DIR}/{name}.jsonl`: one JSON object per line, rewritten by every
