@@ -216,7 +216,7 @@ impl Default for WalConfig {
             durability: DurabilityMode::Fsync,
             flush_interval_ms: 10,
             max_bytes: 4 << 30,
-            cache_bytes: 64 << 20,
+            cache_bytes: 16 << 20,
             retain_secs: 3600,
         }
     }

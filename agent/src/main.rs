@@ -1,7 +1,7 @@
 use clap::Parser;
 
-// jemalloc rather than glibc's malloc: under a steady load glibc's per-thread arenas kept growing (the
-// soak: live heap flat under heaptrack, RSS +23 MiB/h after an hour); jemalloc returns what it frees.
+// jemalloc, not glibc's malloc: under a steady load glibc's per-thread arenas kept memory the agent had
+// freed, and RSS crept up for hours while the live heap stayed flat (README, "Performance", the soak).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -68,7 +68,7 @@ impl Default for WalOptions {
         WalOptions {
             durability: Durability::Fsync,
             max_bytes: 8 << 30,
-            cache_bytes: 64 << 20,
+            cache_bytes: 16 << 20,
             gating_cursors: Vec::new(),
             first_seq: 1,
             retain: std::time::Duration::ZERO,
