@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use telemetry_wal::{Record, Wal};
 use tokio::sync::mpsc;
 
-use crate::event::{effective_event_id, Event};
+use crate::event::Event;
 use crate::forward;
+use crate::identity::Identity;
 use crate::metrics::{now_ms, SinkStatus, METRICS};
 
 /// A replay batch that takes longer is abandoned (the command says where to resume).
@@ -123,7 +124,7 @@ pub struct DeadLetterView {
 #[derive(Clone)]
 pub struct Context {
     pub wal: Wal,
-    pub agent_id: String,
+    pub identity: std::sync::Arc<Identity>,
     pub sinks: Vec<&'static str>,
     pub mysql: Option<mysql_async::Pool>,
     /// The running agent's Redis mirror.
@@ -225,7 +226,7 @@ async fn status(context: &Context) -> anyhow::Result<Status> {
         BTreeMap::new()
     };
     Ok(Status {
-        agent_id: context.agent_id.clone(),
+        agent_id: context.identity.agent_id().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         running,
         started_at_ms: running.then_some(METRICS.started_at_ms),
@@ -287,7 +288,7 @@ async fn dump(context: &Context, filter: DumpFilter, out: &mpsc::Sender<Output>)
                     continue;
                 }
                 // With its effective event id, so that sending the dump again creates no duplicates.
-                let event_id = effective_event_id(event.client_event_id(), &context.agent_id, record.seq);
+                let event_id = context.identity.event_id(event.client_event_id(), record.seq);
                 if out.blocking_send(Output::Event { line: event.to_json(Some(&event_id)) }).is_err() {
                     return Ok(false);
                 }
@@ -321,9 +322,7 @@ fn dead_letters(
         DeadLetterAction::List => {
             for letter in &chosen {
                 let event = match Event::decode(&letter.payload) {
-                    Ok(event) => {
-                        event.to_json(Some(&effective_event_id(event.client_event_id(), &context.agent_id, letter.seq)))
-                    }
+                    Ok(event) => event.to_json(Some(&context.identity.event_id(event.client_event_id(), letter.seq))),
                     Err(e) => format!("(cannot show: {e})"),
                 };
                 out.push(Output::DeadLetter(DeadLetterView {
@@ -365,7 +364,7 @@ fn dead_letters(
                 let mut event = Event::decode(&letter.payload).map_err(|e| {
                     already(format!("dead letter {} {}: {e}; drop it instead", letter.sink, letter.seq))
                 })?;
-                let event_id = effective_event_id(event.client_event_id(), &context.agent_id, letter.seq);
+                let event_id = context.identity.event_id(event.client_event_id(), letter.seq);
                 match &mut event {
                     Event::Metric(m) => m.event_id = Some(event_id),
                     Event::Trade(t) => t.event_id = Some(event_id),
@@ -430,7 +429,7 @@ async fn replay(
         done += rows.len() as u64;
         // Offset 0: the offset row keeps its value (GREATEST); replay is beside forwarding, not part of it.
         let again = rows.first().map_or(last, |r| r.0.seq);
-        let write = forward::write_rows(pool, &context.agent_id, &rows, || 0);
+        let write = forward::write_rows(pool, &context.identity, &rows, forward::lock_wait(REPLAY_WRITE_TIMEOUT), || 0);
         let written = tokio::time::timeout(REPLAY_WRITE_TIMEOUT, write)
             .await
             .map_err(|_| anyhow::anyhow!("MySQL did not answer within {} s", REPLAY_WRITE_TIMEOUT.as_secs()))

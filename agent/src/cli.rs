@@ -18,6 +18,7 @@ use crate::control;
 use crate::event::now_us;
 use crate::forward::{self, ForwardSettings, Forwarder};
 use crate::http;
+use crate::identity::Identity;
 use crate::ingest::{self, IngestContext, Listener};
 use crate::metrics::METRICS;
 use crate::mirror::{self, Mirror};
@@ -225,8 +226,8 @@ fn wal_options(config: &Config) -> WalOptions {
         max_bytes: config.wal.max_bytes,
         cache_bytes: config.wal.cache_bytes,
         gating_cursors: config.enabled_sinks().into_iter().map(String::from).collect(),
-        // A new WAL starts at the current time in microseconds, so that a host whose WAL was wiped never
-        // reuses a generated event id (`{agent_id}-{seq}`) that MySQL already holds.
+        // A new WAL starts at the current time in microseconds: seqs then read as times, and a host whose
+        // WAL was wiped never reuses an old seq (generated ids also name the run, see `identity`).
         first_seq: u64::try_from(now_us()).unwrap_or(1),
         retain: Duration::from_secs(config.wal.retain_secs),
     }
@@ -293,11 +294,12 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             config.wal.dir.display()
         ),
     }
+    let identity = Arc::new(Identity::start_run(&wal, agent_id)?);
 
     raise_open_file_limit(config.ingest.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     let reload_from = Config::resolve_path(config_path);
-    let result = runtime.block_on(serve(&config, &wal, agent_id, reload_from, log_level));
+    let result = runtime.block_on(serve(&config, &wal, identity, reload_from, log_level));
     // Every handler has finished: nothing waits on the WAL any more.
     let closed = wal.close();
     drop(runtime);
@@ -313,7 +315,7 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
 async fn serve(
     config: &Config,
     wal: &Wal,
-    agent_id: String,
+    identity: Arc<Identity>,
     reload_from: Option<PathBuf>,
     log_level: Option<reload::LogLevelSetter>,
 ) -> anyhow::Result<()> {
@@ -322,7 +324,7 @@ async fn serve(
         .context("[ingest] socket")?;
     let context = Arc::new(IngestContext {
         appender: wal.appender(),
-        agent_id: agent_id.clone(),
+        identity: identity.clone(),
         max_line_bytes: ingest.max_line_bytes,
         max_pending: ingest.max_pending_per_connection,
         inflight_bytes: Arc::new(tokio::sync::Semaphore::new(ingest.max_inflight_bytes)),
@@ -345,7 +347,7 @@ async fn serve(
             let forwarder = Forwarder::new(
                 wal.clone(),
                 pool.clone(),
-                agent_id.clone(),
+                identity.clone(),
                 forward_settings.subscribe(),
                 mysql.parallel_batches,
                 stop_rx.clone(),
@@ -357,7 +359,7 @@ async fn serve(
     let (mirror, resync) = match &config.redis {
         Some(_) => {
             METRICS.sink_enabled(mirror::SINK);
-            let mirror = Mirror::new(wal.clone(), agent_id.clone(), redis_settings.subscribe(), stop_rx.clone())?;
+            let mirror = Mirror::new(wal.clone(), identity.clone(), redis_settings.subscribe(), stop_rx.clone())?;
             let resync = mirror.resync_handle();
             (Some(tokio::spawn(mirror.run())), Some(resync))
         }
@@ -371,7 +373,7 @@ async fn serve(
         .context("[control] socket")?;
     let admin_context = admin::Context {
         wal: wal.clone(),
-        agent_id: agent_id.clone(),
+        identity: identity.clone(),
         sinks: config.enabled_sinks(),
         mysql: pool.clone(),
         redis: resync,
@@ -388,7 +390,8 @@ async fn serve(
     }
     let sinks = config.enabled_sinks();
     tracing::info!(
-        agent_id,
+        agent_id = identity.agent_id(),
+        run = identity.run_id(),
         http = http_addr.map(|a| a.to_string()),
         socket = %ingest.socket.display(),
         wal = %config.wal.dir.display(),
@@ -597,8 +600,9 @@ fn direct_context(
         Some(id) => id,
         None => config.agent_id()?,
     };
+    let identity = Arc::new(Identity::load(&wal, agent_id)?);
     let mysql = config.mysql.as_ref().map(forward::pool).transpose()?;
-    Ok(admin::Context { wal, agent_id, sinks: config.enabled_sinks(), mysql, redis: None, running: false })
+    Ok(admin::Context { wal, identity, sinks: config.enabled_sinks(), mysql, redis: None, running: false })
 }
 
 async fn render(mut rx: tokio::sync::mpsc::Receiver<Output>, json: bool) -> anyhow::Result<ExitCode> {
@@ -742,8 +746,8 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
         println!("agent {agent_id}: the WAL in {} holds no records; nothing to replay", dir.display());
         return Ok(ExitCode::SUCCESS);
     };
-    // Not the copy's own progress: MySQL may have been restored since. The forwarder resumes after MySQL's
-    // offset for that agent, and rows already present are no-ops.
+    // Not the copy's own progress: MySQL may have been restored since. Everything is sent again; rows already
+    // present are no-ops (the records keep the event ids of the runs that appended them).
     wal.set_cursor(forward::SINK, 0)?;
     let dead_letters_before = stats.dead_letters;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
@@ -751,7 +755,8 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
         let pool = forward::pool(mysql)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let settings = watch::channel(ForwardSettings::from(mysql)).1;
-        let forwarder = Forwarder::new(wal.clone(), pool, agent_id.clone(), settings, mysql.parallel_batches, stop_rx);
+        let identity = Arc::new(Identity::load(&wal, agent_id.clone())?);
+        let forwarder = Forwarder::new(wal.clone(), pool, identity, settings, mysql.parallel_batches, stop_rx);
         let totals = forwarder.totals();
         let task = tokio::spawn(forwarder.run());
         let start = stats.first_seq.unwrap_or(last).saturating_sub(1);

@@ -250,6 +250,14 @@ fn profile_id(raw: Option<&RawValue>) -> Result<String, Rejection> {
 }
 
 fn event_id(raw: Option<&RawValue>) -> Result<Option<String>, Rejection> {
+    // A generated id (`~{run}-{seq}`, outside the client alphabet) passes here: a dump of a WAL sent again
+    // carries them. Whether this client may send one is the ingest's call (see `ingest`).
+    if let Some(raw) = present(raw).filter(|raw| raw.get().starts_with("\"~")) {
+        let value = required(Some(raw), "event_id")?;
+        if crate::identity::is_generated_id(&value) {
+            return Ok(Some(value));
+        }
+    }
     id_field(raw, "event_id", MAX_EVENT_ID)
 }
 
@@ -507,14 +515,6 @@ pub fn rfc3339_us(us: i64) -> String {
         t.second(),
         t.microsecond()
     )
-}
-
-/// The event id the sinks deduplicate on: the client's, or `{agent_id}-{seq}`.
-pub fn effective_event_id(client: Option<&str>, agent_id: &str, seq: u64) -> String {
-    match client {
-        Some(id) => id.to_string(),
-        None => format!("{agent_id}-{seq}"),
-    }
 }
 
 pub fn now_us() -> i64 {

@@ -1,7 +1,11 @@
 //! The MySQL forwarder: tails the WAL from cursor `mysql` and writes each batch as one transaction — a
-//! multi-row `INSERT ... ON DUPLICATE KEY UPDATE event_id = event_id` per table plus the `telemetry_offsets` row — so a
-//! batch is in MySQL exactly once however often it is sent. After COMMIT the local cursor moves, which lets
-//! the WAL truncate.
+//! multi-row `INSERT ... ON DUPLICATE KEY UPDATE event_id = event_id` per table plus this run's
+//! `telemetry_run_offsets` row — so a batch is in MySQL exactly once however often it is sent. After COMMIT
+//! the local cursor moves, which lets the WAL truncate.
+//!
+//! Forwarding resumes from the local cursor, never from an offset read from MySQL: the cursor only moves
+//! after COMMIT, so it can be behind (re-sent rows are no-ops) but never past a record MySQL lacks, whereas
+//! an offset in MySQL may be another host's or a newer copy's of this WAL.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -14,7 +18,8 @@ use telemetry_wal::{DeadLetter, Record, Wal};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::{mask_url, read_secret_file, MysqlConfig};
-use crate::event::{effective_event_id, Event, Side};
+use crate::event::{Event, Side};
+use crate::identity::Identity;
 use crate::metrics::METRICS;
 use crate::migrate::{self, SchemaState};
 
@@ -23,6 +28,8 @@ pub const SINK: &str = "mysql";
 /// Statement sizes: a batch is cut into statements of these row counts, so a handful of prepared
 /// statements per table serve every batch length, and a typical batch needs a few round trips.
 const CHUNK_ROWS: [usize; 7] = [1000, 300, 100, 30, 10, 3, 1];
+/// Earlier runs whose offsets a start reads: the newest ones hold the highest.
+const EARLIER_RUNS_READ: usize = 100;
 /// How often to look again when the schema is behind.
 const SCHEMA_RECHECK: Duration = Duration::from_secs(10);
 
@@ -47,9 +54,6 @@ pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
         .init(vec![
             "SET time_zone = '+00:00'".to_string(),
             "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'".to_string(),
-            // A lock wait must end before our write timeout abandons the transaction, or the retry would
-            // queue behind the abandoned statement's locks.
-            format!("SET SESSION innodb_lock_wait_timeout = {}", (config.write_timeout_ms / 2000).max(1)),
         ]);
     if let Some(path) = &config.password_file {
         builder = builder.pass(Some(read_secret_file(path, "[mysql] password_file")?));
@@ -117,7 +121,7 @@ pub struct Forwarder {
 struct Shared {
     wal: Wal,
     pool: Pool,
-    agent_id: String,
+    identity: Arc<Identity>,
     /// Live: a config reload changes batch sizes, linger, retries and the write timeout.
     settings: watch::Receiver<ForwardSettings>,
     outage: Mutex<Option<Outage>>,
@@ -167,7 +171,7 @@ impl Forwarder {
     pub fn new(
         wal: Wal,
         pool: Pool,
-        agent_id: String,
+        identity: Arc<Identity>,
         settings: watch::Receiver<ForwardSettings>,
         parallel: usize,
         shutdown: watch::Receiver<bool>,
@@ -175,7 +179,7 @@ impl Forwarder {
         let shared = Shared {
             wal,
             pool,
-            agent_id,
+            identity,
             settings,
             outage: Mutex::new(None),
             progress: Mutex::new(Progress::default()),
@@ -331,7 +335,11 @@ impl Shared {
     async fn write_offset(&self, watermark: u64) {
         let result = async {
             let mut conn = self.pool.get_conn().await?;
-            conn.exec_drop(OFFSET_UPSERT, (&self.agent_id, SINK, watermark, watermark)).await
+            conn.exec_drop(
+                OFFSET_UPSERT,
+                (self.identity.agent_id(), self.identity.run_id(), SINK, watermark, watermark),
+            )
+            .await
         };
         match tokio::time::timeout(self.settings().write_timeout, result).await {
             Ok(Ok(())) => {
@@ -353,8 +361,7 @@ impl Shared {
         }
     }
 
-    /// Waits for MySQL with a usable schema, then resumes after the later of the local cursor and the
-    /// offset MySQL committed (which is ahead after a crash between COMMIT and the cursor update).
+    /// Waits for MySQL with a usable schema, then resumes after the local cursor.
     async fn start_point(&self) -> Result<u64, Stopped> {
         let mut reported: Option<String> = None;
         loop {
@@ -365,32 +372,19 @@ impl Shared {
                 _ = shutdown.changed() => return Err(Stopped),
             };
             let problem = match result {
-                Ok(remote) => {
+                Ok(committed) => {
                     self.end_outage();
                     let local = self.wal.cursor(SINK).unwrap_or(0);
-                    let durable = *self.wal.subscribe().borrow();
-                    if remote > durable {
-                        // Trusting it would skip (and truncate) records MySQL never saw.
-                        format!(
-                            "MySQL's offset for agent `{}` ({remote}) is beyond this WAL's newest record ({durable}): \
-                             another host uses the same [agent] id, or this WAL was restored from an older copy. \
-                             Events are stored but not forwarded; give each host its own [agent] id",
-                            self.agent_id
-                        )
-                    } else {
-                        if remote > local {
-                            tracing::info!(
-                                local,
-                                remote,
-                                "MySQL is ahead of the local cursor; resuming from MySQL's offset"
-                            );
-                            if let Err(e) = self.wal.set_cursor(SINK, remote) {
-                                tracing::error!(error = %e, "cannot move the local mysql cursor");
-                            }
+                    if committed > local {
+                        // A crash between COMMIT and the cursor update.
+                        tracing::info!(local, committed, "an earlier run committed more than the local cursor says");
+                        if let Err(e) = self.wal.set_cursor(SINK, committed) {
+                            tracing::error!(error = %e, "cannot move the local mysql cursor");
                         }
-                        tracing::info!(after_seq = local.max(remote), "MySQL forwarding started");
-                        return Ok(local.max(remote));
                     }
+                    let after_seq = local.max(committed);
+                    tracing::info!(after_seq, run = self.identity.run_id(), "MySQL forwarding started");
+                    return Ok(after_seq);
                 }
                 Err(StartError::Unreachable(error)) => {
                     self.note_failure(&error);
@@ -412,7 +406,9 @@ impl Shared {
         }
     }
 
-    /// MySQL's offset for this agent, once the schema is usable.
+    /// Once the schema is usable: the seq up to which earlier runs of this WAL committed, bounded by this
+    /// run's first seq (see `identity`). Offsets of other agents, other WALs or records this run appended
+    /// are never read, so they can never make the forwarder skip a record.
     async fn check_schema_and_offset(&self) -> Result<u64, StartError> {
         let unreachable = |e: mysql_async::Error| StartError::Unreachable(format!("cannot reach MySQL: {e}"));
         let mut conn = self.pool.get_conn().await.map_err(unreachable)?;
@@ -429,14 +425,15 @@ impl Shared {
             Err(migrate::StateError::Schema(e)) => return Err(StartError::Schema(format!("{e:#}"))),
             Err(migrate::StateError::Connection(e)) => return Err(unreachable(e)),
         }
-        let offset: Option<u64> = conn
-            .exec_first(
-                "SELECT last_seq FROM telemetry_offsets WHERE agent_id = ? AND sink = ?",
-                (&self.agent_id, SINK),
-            )
-            .await
-            .map_err(unreachable)?;
-        Ok(offset.unwrap_or(0))
+        let earlier: Vec<&str> = self.identity.earlier_runs().take(EARLIER_RUNS_READ).collect();
+        let Some(first_seq) = self.identity.run_first_seq().filter(|_| !earlier.is_empty()) else { return Ok(0) };
+        let sql = format!(
+            "SELECT MAX(last_seq) FROM telemetry_run_offsets WHERE agent_id = ? AND sink = ? AND run_id IN ({})",
+            vec!["?"; earlier.len()].join(",")
+        );
+        let params: Vec<Value> = [self.identity.agent_id(), SINK].into_iter().chain(earlier).map(Value::from).collect();
+        let committed: Option<Option<u64>> = conn.exec_first(sql, params).await.map_err(unreachable)?;
+        Ok(committed.flatten().unwrap_or(0).min(first_seq.saturating_sub(1)))
     }
 
     /// Writes the batch, retrying transient failures for as long as it takes; dead-letters what MySQL
@@ -519,7 +516,9 @@ impl Shared {
         let timeout = self.settings().write_timeout;
         let last = rows.last().map_or(0, |(r, _)| r.seq);
         let offset = || self.offset_for(batch_first, last);
-        match tokio::time::timeout(timeout, write_rows(&self.pool, &self.agent_id, rows, offset)).await {
+        match tokio::time::timeout(timeout, write_rows(&self.pool, &self.identity, rows, lock_wait(timeout), offset))
+            .await
+        {
             Ok(result) => result.map_err(classify),
             Err(_) => {
                 Err(WriteError::Transient(format!("transaction did not finish within {} ms", timeout.as_millis())))
@@ -529,7 +528,7 @@ impl Shared {
 
     /// Stores the record as a dead letter (durably) and logs it.
     async fn dead_letter(&self, record: &Record, event: Option<&Event>, error: &str) -> Result<(), String> {
-        let event_id = event.map(|e| effective_event_id(e.client_event_id(), &self.agent_id, record.seq));
+        let event_id = event.map(|e| self.identity.event_id(e.client_event_id(), record.seq));
         let profile_id = event.map(Event::profile_id);
         let letter = DeadLetter {
             sink: SINK.to_string(),
@@ -632,15 +631,25 @@ async fn read_after(wal: &Wal, after: u64, max: usize) -> Vec<Record> {
     }
 }
 
+/// How long a statement may wait for a row lock: well within the write timeout, or the retry of an abandoned
+/// transaction would queue behind the abandoned statement's locks. Set per transaction, since the write
+/// timeout reloads live.
+pub fn lock_wait(write_timeout: Duration) -> Duration {
+    (write_timeout / 2).max(Duration::from_secs(1))
+}
+
 /// Writes rows and the offset in one transaction. Duplicates (by `event_id`) are no-ops.
-/// `offset` gives the value for `telemetry_offsets`, asked for just before it is written.
+/// `offset` gives the value for `telemetry_run_offsets`, asked for just before it is written.
 pub async fn write_rows(
     pool: &Pool,
-    agent_id: &str,
+    identity: &Identity,
     rows: &[(Record, Event)],
+    lock_wait: Duration,
     offset: impl Fn() -> u64,
 ) -> Result<Written, mysql_async::Error> {
     let mut conn = pool.get_conn().await?;
+    // Whole seconds: MariaDB and MySQL both take an integer here.
+    conn.query_drop(format!("SET SESSION innodb_lock_wait_timeout = {}", lock_wait.as_secs().max(1))).await?;
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
     let (metrics, trades): (Vec<_>, Vec<_>) = rows.iter().partition(|(_, event)| matches!(event, Event::Metric(_)));
     let mut inserted = 0;
@@ -652,16 +661,14 @@ pub async fn write_rows(
             let (chunk, tail) = rest.split_at(n);
             let mut params = Vec::with_capacity(n * columns.len());
             for (record, event) in chunk {
-                push_params(&mut params, event, agent_id, record.seq);
+                push_params(&mut params, event, identity, record.seq);
             }
             tx.exec_drop(insert_sql(table, columns, n), params).await?;
             table_inserted += tx.affected_rows();
             rest = tail;
         }
-        let ids: std::collections::BTreeSet<String> = rows
-            .iter()
-            .map(|(record, event)| effective_event_id(event.client_event_id(), agent_id, record.seq))
-            .collect();
+        let ids: std::collections::BTreeSet<String> =
+            rows.iter().map(|(record, event)| identity.event_id(event.client_event_id(), record.seq)).collect();
         if table_inserted < ids.len() as u64 {
             // MySQL called some rows duplicates. Make sure they are there before the offset moves past them:
             // with `id = id` in the update clause MariaDB dropped rows as duplicates of rows they were not
@@ -693,15 +700,16 @@ pub async fn write_rows(
         inserted += table_inserted;
     }
     let offset = offset();
-    tx.exec_drop(OFFSET_UPSERT, (agent_id, SINK, offset, offset)).await?;
+    tx.exec_drop(OFFSET_UPSERT, (identity.agent_id(), identity.run_id(), SINK, offset, offset)).await?;
     tx.commit().await?;
     let total = rows.len() as u64;
     Ok(Written { inserted, already_present: total.saturating_sub(inserted), offset })
 }
 
 /// Never moves an offset back: transactions may commit out of order.
-const OFFSET_UPSERT: &str = "INSERT INTO telemetry_offsets (agent_id, sink, last_seq, updated_at) \
-     VALUES (?, ?, ?, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE last_seq = GREATEST(last_seq, ?), updated_at = UTC_TIMESTAMP(6)";
+const OFFSET_UPSERT: &str = "INSERT INTO telemetry_run_offsets (agent_id, run_id, sink, last_seq, updated_at) \
+     VALUES (?, ?, ?, ?, UTC_TIMESTAMP(6)) \
+     ON DUPLICATE KEY UPDATE last_seq = GREATEST(last_seq, ?), updated_at = UTC_TIMESTAMP(6)";
 
 const METRICS_TABLE: &str = "dd_metrics";
 const METRIC_COLUMNS: &[&str] =
@@ -741,11 +749,11 @@ fn insert_sql(table: &str, columns: &[&str], rows: usize) -> String {
 }
 
 /// Appends one row's values, in the order of its table's columns.
-fn push_params(params: &mut Vec<Value>, event: &Event, agent_id: &str, seq: u64) {
+fn push_params(params: &mut Vec<Value>, event: &Event, identity: &Identity, seq: u64) {
     match event {
         Event::Metric(m) => params.extend([
-            effective_event_id(m.event_id.as_deref(), agent_id, seq).into(),
-            agent_id.into(),
+            identity.event_id(m.event_id.as_deref(), seq).into(),
+            identity.agent_id().into(),
             seq.into(),
             m.profile_id.as_str().into(),
             m.name.as_str().into(),
@@ -755,8 +763,8 @@ fn push_params(params: &mut Vec<Value>, event: &Event, agent_id: &str, seq: u64)
             datetime(m.received_us),
         ]),
         Event::Trade(t) => params.extend([
-            effective_event_id(t.event_id.as_deref(), agent_id, seq).into(),
-            agent_id.into(),
+            identity.event_id(t.event_id.as_deref(), seq).into(),
+            identity.agent_id().into(),
             seq.into(),
             t.profile_id.as_str().into(),
             t.symbol.as_str().into(),

@@ -21,13 +21,15 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
 
-use crate::event::{effective_event_id, now_us, parse_line, Event, Rejection};
+use crate::event::{now_us, parse_line, Event, Rejection};
+use crate::identity::Identity;
 use crate::metrics::{Kind, METRICS};
 
 /// What every handler needs, shared.
 pub struct IngestContext {
     pub appender: Appender,
-    pub agent_id: String,
+    /// Names the events that come without an `event_id`.
+    pub identity: Arc<Identity>,
     pub max_line_bytes: usize,
     pub max_pending: usize,
     /// Bytes of events read but not yet answered, across all connections: bounds memory whatever clients do.
@@ -149,7 +151,11 @@ impl Listener {
                 tokio::spawn(refuse(stream));
                 continue;
             };
+            // Kernel-verified: only the agent's own user and root (operators) may send generated ids.
+            let operator =
+                stream.peer_cred().is_ok_and(|peer| peer.uid() == 0 || peer.uid() == nix::unistd::geteuid().as_raw());
             let handler = Handler {
+                operator,
                 context: self.context.clone(),
                 shutdown: self.notify_shutdown.subscribe(),
                 _shutdown_complete: self.shutdown_complete_tx.clone(),
@@ -169,6 +175,9 @@ async fn refuse(mut stream: UnixStream) {
 }
 
 struct Handler {
+    /// The peer runs as root or as the agent's user, so it may send events under generated ids (a dump
+    /// sent again); scripts may not, or they could take another event's id.
+    operator: bool,
     context: Arc<IngestContext>,
     shutdown: broadcast::Receiver<()>,
     _shutdown_complete: mpsc::Sender<()>,
@@ -261,6 +270,11 @@ impl Handler {
                 return Reply::Ready(error_line(code, &error));
             }
         };
+        if !self.operator && event.client_event_id().is_some_and(crate::identity::is_generated_id) {
+            let error = "`event_id` values starting with `~` are reserved for ids the agent generates";
+            tracing::warn!(code = "invalid_event", profile_id = event.profile_id(), error, "rejected a line");
+            return Reply::Ready(error_line("invalid_event", error));
+        }
         let kind = match event {
             Event::Metric(_) => "metric",
             Event::Trade(_) => "trade",
@@ -300,7 +314,7 @@ async fn write_replies(write: OwnedWriteHalf, mut replies: mpsc::Receiver<Reply>
             Reply::Durable { pending, event_id, profile_id, _inflight } => match pending.durable().await {
                 Ok(seq) => {
                     METRICS.acks.inc();
-                    let event_id = effective_event_id(event_id.as_deref(), &context.agent_id, seq);
+                    let event_id = context.identity.event_id(event_id.as_deref(), seq);
                     json_line(&Ack { ok: true, seq, event_id: &event_id })
                 }
                 Err(e) => wal_error_line(&e, &profile_id),

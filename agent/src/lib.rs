@@ -8,6 +8,7 @@ pub mod control;
 pub mod event;
 pub mod forward;
 pub mod http;
+pub mod identity;
 pub mod ingest;
 pub mod metrics;
 pub mod migrate;

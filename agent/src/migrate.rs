@@ -11,8 +11,10 @@ pub struct Migration {
 }
 
 /// Every migration, in order. A new file in `migrations/` must be added here (a test checks it).
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: "0001_init", sql: include_str!("../../migrations/0001_init.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: "0001_init", sql: include_str!("../../migrations/0001_init.sql") },
+    Migration { version: "0002_run_offsets", sql: include_str!("../../migrations/0002_run_offsets.sql") },
+];
 
 const LOCK_NAME: &str = "telemetry_agent_migrate";
 const LOCK_WAIT_SECS: u32 = 60;

@@ -22,7 +22,8 @@ use telemetry_wal::{Record, Table, Wal};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{mask_url, read_secret_file, RedisConfig};
-use crate::event::{decode_versioned, effective_event_id, encode_versioned, rfc3339_us, Event, Trade};
+use crate::event::{decode_versioned, encode_versioned, rfc3339_us, Event, Trade};
+use crate::identity::Identity;
 use crate::metrics::METRICS;
 
 pub const SINK: &str = "redis";
@@ -120,7 +121,7 @@ enum Latest {
 const LATEST_FORMAT_V1: u8 = 1;
 
 impl Latest {
-    fn from_record(record: &Record, agent_id: &str) -> Result<(Vec<u8>, Latest), String> {
+    fn from_record(record: &Record, identity: &Identity) -> Result<(Vec<u8>, Latest), String> {
         Ok(match Event::decode(&record.payload)? {
             Event::Metric(m) => (
                 metric_key(&m.profile_id, &m.name),
@@ -133,7 +134,7 @@ impl Latest {
                 },
             ),
             Event::Trade(t) => {
-                let event_id = effective_event_id(t.event_id.as_deref(), agent_id, record.seq);
+                let event_id = identity.event_id(t.event_id.as_deref(), record.seq);
                 (trade_key(&t.profile_id), Latest::Trade { trade: t, event_id, seq: record.seq })
             }
         })
@@ -284,7 +285,7 @@ impl Resync {
 pub struct Mirror {
     wal: Wal,
     table: Table,
-    agent_id: String,
+    identity: Arc<Identity>,
     client: Client,
     /// Live: a config reload changes `publish_updates` and `retry_max_ms`.
     config: watch::Receiver<RedisConfig>,
@@ -302,7 +303,7 @@ struct Stopped;
 impl Mirror {
     pub fn new(
         wal: Wal,
-        agent_id: String,
+        identity: Arc<Identity>,
         config: watch::Receiver<RedisConfig>,
         shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
@@ -322,7 +323,7 @@ impl Mirror {
         Ok(Mirror {
             wal,
             table,
-            agent_id,
+            identity,
             client,
             config,
             script: Script::new(UPDATE_SCRIPT),
@@ -377,8 +378,8 @@ impl Mirror {
             }
             durable.borrow_and_update();
             let step = {
-                let (wal, table, agent_id) = (self.wal.clone(), self.table.clone(), self.agent_id.clone());
-                tokio::task::spawn_blocking(move || fold_step(&wal, &table, &agent_id, after)).await
+                let (wal, table, identity) = (self.wal.clone(), self.table.clone(), self.identity.clone());
+                tokio::task::spawn_blocking(move || fold_step(&wal, &table, &identity, after)).await
             };
             match step {
                 Ok(Ok(Some(Folded { last_seq, changed }))) => {
@@ -507,7 +508,7 @@ impl Mirror {
             let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
             redis::cmd("CLIENT")
                 .arg("SETNAME")
-                .arg(format!("telemetry-agent:{}", self.agent_id))
+                .arg(format!("telemetry-agent:{}", self.identity.agent_id()))
                 .exec_async(&mut conn)
                 .await?;
             self.script.prepare_invoke().load_async(&mut conn).await?;
@@ -710,12 +711,17 @@ struct Folded {
 
 /// Folds the records after `after` into the table and moves the cursor past them; `None` when there was
 /// nothing to read.
-fn fold_step(wal: &Wal, table: &Table, agent_id: &str, after: u64) -> Result<Option<Folded>, telemetry_wal::WalError> {
+fn fold_step(
+    wal: &Wal,
+    table: &Table,
+    identity: &Identity,
+    after: u64,
+) -> Result<Option<Folded>, telemetry_wal::WalError> {
     let records = wal.read_after(after, FOLD_BATCH)?;
     let Some(last_seq) = records.last().map(|r| r.seq) else { return Ok(None) };
     let mut newest: HashMap<Vec<u8>, Latest> = HashMap::new();
     for record in &records {
-        match Latest::from_record(record, agent_id) {
+        match Latest::from_record(record, identity) {
             Ok((key, latest)) => match newest.get(&key) {
                 Some(kept) if kept.order() >= latest.order() => {}
                 _ => {

@@ -109,7 +109,7 @@ fn every_event_becomes_exactly_one_row_with_exact_values() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let offsets: Vec<(String, u64)> =
-            db.query("SELECT agent_id, last_seq FROM telemetry_offsets WHERE sink = 'mysql'");
+            db.query("SELECT agent_id, last_seq FROM telemetry_run_offsets WHERE sink = 'mysql'");
         assert_eq!(offsets.len(), 1);
         assert_eq!(offsets[0].0, "test-agent");
         let newest: u64 = db.query::<u64>("SELECT MAX(wal_seq) FROM dd_metrics")[0];
@@ -296,7 +296,10 @@ fn migrate_is_idempotent_concurrent_and_refuses_edited_files() {
     assert_eq!(applied, 1, "exactly one concurrent run applies the migration");
     let again = migrate(&db.url());
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "schema is up to date");
-    assert_eq!(db.query::<u64>("SELECT COUNT(*) FROM schema_migrations")[0], 1);
+    assert_eq!(
+        db.query::<u64>("SELECT COUNT(*) FROM schema_migrations")[0],
+        telemetry_agent::migrate::MIGRATIONS.len() as u64
+    );
 
     db.exec("UPDATE schema_migrations SET checksum = REPEAT('0', 64) WHERE version = '0001_init'");
     let edited = migrate(&db.url());
@@ -367,22 +370,173 @@ fn the_password_file_must_be_private_and_is_used() {
     db.wait_for_rows("dd_metrics", 1, 30);
 }
 
+/// A WAL as an older agent (or another host) left it: seqs from `first_seq`, this agent's id, no runs.
+fn create_wal(dir: &std::path::Path, first_seq: u64, records: usize) {
+    let wal = Wal::open(dir, WalOptions { first_seq, ..WalOptions::default() }).unwrap();
+    wal.set_label("agent_id", "test-agent").unwrap();
+    let appender = wal.appender();
+    for i in 0..records {
+        let line = format!(r#"{{"kind":"metric","profile_id":"old","name":"m","value":{i}}}"#);
+        let event = telemetry_agent::event::parse_line(line.as_bytes(), 1_795_773_600_000_000).unwrap();
+        appender.blocking_append(event.encode()).unwrap().blocking_durable().unwrap();
+    }
+    wal.close().unwrap();
+}
+
+/// Metrics without event ids, so the agent names them.
+fn idless(profile: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!(r#"{{"kind":"metric","profile_id":"{profile}","name":"m","value":{i}}}"#)).collect()
+}
+
+fn rows_per_profile(db: &TestDb) -> Vec<(String, u64)> {
+    db.query("SELECT profile_id, COUNT(*) FROM dd_metrics GROUP BY profile_id ORDER BY profile_id")
+}
+
 #[test]
-fn an_offset_beyond_the_wal_is_not_trusted() {
+fn an_offset_the_wal_later_passes_never_makes_the_agent_skip() {
     let db = TestDb::migrated();
-    // Another host with the same agent id got far ahead (or this WAL is an old copy).
+    let mut agent = Agent::configure(&mysql_section(&db.url()));
+    create_wal(&agent.wal_dir, 1, 0);
+    // Offsets under this agent id ahead of its WAL: another host's with the same id, in the table agents
+    // before runs shared; and a huge one under an earlier run of this very WAL (a newer copy of it).
     db.exec(
         "INSERT INTO telemetry_offsets (agent_id, sink, last_seq, updated_at) \
-         VALUES ('test-agent', 'mysql', 18446744073709551000, UTC_TIMESTAMP(6))",
+         VALUES ('test-agent', 'mysql', 100, UTC_TIMESTAMP(6))",
     );
-    let agent = Agent::start(&mysql_section(&db.url()));
-    let acked = send_all(&mut agent.connect(), &(0..20).map(metric_line).collect::<Vec<_>>());
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(db.count("dd_metrics"), 0, "forwarded past a foreign offset");
-    // Once the operator resolves it, everything arrives: nothing was skipped.
-    db.exec("DELETE FROM telemetry_offsets");
-    db.wait_for_rows("dd_metrics", 20, 30);
+    {
+        let wal = Wal::open(&agent.wal_dir, WalOptions::default()).unwrap();
+        telemetry_agent::identity::Identity::start_run(&wal, "test-agent".into()).unwrap();
+        let run = telemetry_agent::identity::Identity::load(&wal, "test-agent".into()).unwrap().run_id().to_string();
+        db.exec(&format!(
+            "INSERT INTO telemetry_run_offsets (agent_id, run_id, sink, last_seq, updated_at) \
+             VALUES ('test-agent', '{run}', 'mysql', 1000000, UTC_TIMESTAMP(6))"
+        ));
+        wal.close().unwrap();
+    }
+    agent.restart();
+    // The WAL passes both offsets: every event still arrives, none is skipped.
+    let acked = send_all(&mut agent.connect(), &(0..300).map(metric_line).collect::<Vec<_>>());
+    db.wait_for_rows("dd_metrics", 300, 30);
     assert_exactly_once(&db, &acked);
+}
+
+#[test]
+fn two_agents_with_one_id_and_their_own_wals_lose_nothing() {
+    let db = TestDb::migrated();
+    let (mut a, mut b) = (Agent::configure(&mysql_section(&db.url())), Agent::configure(&mysql_section(&db.url())));
+    // The worst case: both WALs hand out the same seqs.
+    create_wal(&a.wal_dir, 1, 0);
+    create_wal(&b.wal_dir, 1, 0);
+    a.restart();
+    b.restart();
+    let mut acked = send_all(&mut a.connect(), &idless("a", 50));
+    acked.extend(send_all(&mut b.connect(), &idless("b", 50)));
+    db.wait_for_rows("dd_metrics", 100, 30);
+    // The first restarts after its twin has forwarded, and both keep sending.
+    a.kill9();
+    a.restart();
+    acked.extend(send_all(&mut a.connect(), &idless("a2", 50)));
+    acked.extend(send_all(&mut b.connect(), &idless("b2", 50)));
+    db.wait_for_rows("dd_metrics", 200, 30);
+    assert_exactly_once(&db, &acked);
+    let expected: Vec<(String, u64)> = ["a", "a2", "b", "b2"].iter().map(|p| (p.to_string(), 50)).collect();
+    assert_eq!(rows_per_profile(&db), expected);
+}
+
+#[test]
+fn a_wal_copied_to_a_second_host_forwards_each_event_once() {
+    let db = TestDb::migrated();
+    let proxy = FaultProxy::start(TestDb::server_addr());
+    proxy.set_down(true);
+    // The original acks events MySQL has not seen yet (it is away), then its WAL is copied to a second host.
+    let mut original = Agent::start(&mysql_section(&db.url_via(proxy.port)));
+    let mut acked = send_all(&mut original.connect(), &idless("before", 40));
+    assert!(original.stop().success());
+    let mut copy = Agent::configure(&mysql_section(&db.url()));
+    let status = Command::new("cp").arg("-a").arg(&original.wal_dir).arg(&copy.wal_dir).status().unwrap();
+    assert!(status.success());
+    proxy.set_down(false);
+    original.restart();
+    copy.restart();
+    acked.extend(send_all(&mut original.connect(), &idless("original", 30)));
+    acked.extend(send_all(&mut copy.connect(), &idless("copy", 30)));
+    db.wait_for_rows("dd_metrics", 100, 30);
+    assert_exactly_once(&db, &acked);
+    let expected: Vec<(String, u64)> =
+        [("before", 40), ("copy", 30), ("original", 30)].into_iter().map(|(p, n)| (p.to_string(), n)).collect();
+    assert_eq!(rows_per_profile(&db), expected);
+}
+
+#[test]
+fn records_from_before_runs_keep_their_ids_after_an_upgrade() {
+    let db = TestDb::migrated();
+    let mut agent = Agent::configure(&mysql_section(&db.url()));
+    create_wal(&agent.wal_dir, 1, 20);
+    agent.restart();
+    let acked = send_all(&mut agent.connect(), &idless("new", 10));
+    db.wait_for_rows("dd_metrics", 30, 30);
+    let legacy: Vec<String> = (1..=20).map(|seq| format!("test-agent-{seq}")).collect();
+    assert_exactly_once(&db, &[legacy, acked.clone()].concat());
+    assert!(acked.iter().all(|id| telemetry_agent::identity::is_generated_id(id)), "{acked:?}");
+    // Sent again from the start (a lost cursor): nothing comes back as new.
+    assert!(agent.stop().success());
+    {
+        let wal = Wal::open(&agent.wal_dir, WalOptions::default()).unwrap();
+        wal.set_cursor("mysql", 0).unwrap();
+        wal.close().unwrap();
+    }
+    agent.restart();
+    let more = send_all(&mut agent.connect(), &idless("later", 1));
+    db.wait_for_rows("dd_metrics", 31, 30);
+    assert!(stored_ids(&db).contains(&more[0]));
+}
+
+#[test]
+fn a_script_cannot_send_an_id_the_agent_generates() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let db = TestDb::migrated();
+    let agent = Agent::start(&mysql_section(&db.url()));
+    let generated = send_all(&mut agent.connect(), &idless("p", 1)).remove(0);
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED the script-user half: needs root to act as another user");
+        return;
+    }
+    // A script running as its own user (nobody) sends the generated id as its own, and a natural id of its
+    // own that has the old generated form.
+    let bin = agent.dir.path().join("telemetry-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_telemetry-agent"), &bin).unwrap();
+    for path in [agent.dir.path(), &bin, &agent.socket] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let lines = format!(
+        "{{\"kind\":\"metric\",\"profile_id\":\"p\",\"name\":\"m\",\"value\":9,\"event_id\":\"{generated}\"}}\n\
+         {{\"kind\":\"metric\",\"profile_id\":\"p\",\"name\":\"m\",\"value\":8,\"event_id\":\"test-agent-1796185805413002\"}}\n"
+    );
+    let mut child = Command::new(&bin)
+        .args(["send", "--socket"])
+        .arg(&agent.socket)
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    }
+    let output = child.wait_with_output().unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(printed.contains("1 acked, 1 failed"), "{printed}");
+    assert!(printed.contains("invalid_event") && printed.contains("reserved"), "{printed}");
+    db.wait_for_rows("dd_metrics", 2, 30);
+    let mut stored = stored_ids(&db);
+    stored.sort();
+    assert_eq!(stored, vec!["test-agent-1796185805413002".to_string(), generated.clone()]);
+    let value: Vec<f64> = db.query(&format!("SELECT value FROM dd_metrics WHERE event_id = '{generated}'"));
+    assert_eq!(value, vec![0.0], "the script's event took the generated id's row");
 }
 
 /// The lost events of the chaos runs, made deterministic. Batch B reserves its AUTO_INCREMENT ids, then waits
@@ -396,6 +550,9 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
     use telemetry_agent::event::{parse_line, Event};
     use telemetry_wal::Record;
 
+    const LOCK_WAIT: Duration = Duration::from_secs(10);
+    let identity =
+        || telemetry_agent::identity::Identity::new("test-agent".into(), vec![(1, "0123456789abcdef".into())]);
     let db = TestDb::migrated();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let config = telemetry_agent::config::MysqlConfig { url: db.url(), write_timeout_ms: 20_000, ..Default::default() };
@@ -428,7 +585,7 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
             .unwrap();
         let b_write = tokio::spawn({
             let pool = pool.clone();
-            async move { telemetry_agent::forward::write_rows(&pool, "test-agent", &b, || 10).await }
+            async move { telemetry_agent::forward::write_rows(&pool, &identity(), &b, LOCK_WAIT, || 10).await }
         });
         // B is waiting on the held lock (its ids reserved) once its INSERT runs and does not finish.
         let mut probe = pool.get_conn().await.unwrap();
@@ -450,7 +607,7 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!b_write.is_finished(), "batch B did not wait on the held lock");
-        let c_written = telemetry_agent::forward::write_rows(&pool, "test-agent", &c, || 20).await.unwrap();
+        let c_written = telemetry_agent::forward::write_rows(&pool, &identity(), &c, LOCK_WAIT, || 20).await.unwrap();
         assert_eq!(c_written.inserted, 10);
         holder.query_drop("ROLLBACK").await.unwrap();
         let b_written = b_write.await.unwrap().expect("batch B commits");
@@ -469,5 +626,45 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
         .collect();
     expected.sort();
     assert_eq!(stored, expected);
-    assert_eq!(db.query::<u64>("SELECT last_seq FROM telemetry_offsets"), vec![20]);
+    assert_eq!(db.query::<u64>("SELECT last_seq FROM telemetry_run_offsets"), vec![20]);
+}
+
+#[test]
+fn a_reloaded_write_timeout_shortens_lock_waits_too() {
+    use mysql_async::prelude::Queryable;
+    let db = TestDb::migrated();
+    let agent = Agent::start(&format!(
+        "[mysql]\nurl = {:?}\nmax_linger_ms = 20\nretry_initial_ms = 20\nretry_max_ms = 300\nwrite_timeout_ms = 60000\n",
+        db.url()
+    ));
+    let original = std::fs::read_to_string(&agent.config_path).unwrap();
+    let tmp = agent.config_path.with_extension("tmp");
+    std::fs::write(&tmp, original.replace("write_timeout_ms = 60000", "write_timeout_ms = 3000")).unwrap();
+    std::fs::rename(&tmp, &agent.config_path).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    agent.wait_for_log("mysql.write_timeout_ms", 10);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let pool = mysql_async::Pool::new(db.url().as_str());
+        // Another transaction holds the row the agent's event needs.
+        let mut holder = pool.get_conn().await.unwrap();
+        holder.query_drop("START TRANSACTION").await.unwrap();
+        holder
+            .query_drop(
+                "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, received_at) \
+                 VALUES ('held', 'other', 0, 'p', 'm', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+            )
+            .await
+            .unwrap();
+        let answer =
+            agent.connect().request(r#"{"kind":"metric","profile_id":"p","name":"m","value":1,"event_id":"held"}"#);
+        assert_eq!(answer["ok"], true, "{answer}");
+        // The lock wait ends before the (reloaded) write timeout abandons the transaction.
+        agent.wait_for_log("Lock wait timeout exceeded", 15);
+        assert!(!agent.log().contains("did not finish within"), "{}", agent.log());
+        holder.query_drop("ROLLBACK").await.unwrap();
+        drop(holder);
+        pool.disconnect().await.unwrap();
+    });
+    db.wait_for_rows("dd_metrics", 1, 30);
 }

@@ -28,7 +28,10 @@ fn an_event_is_acked_with_its_seq_and_event_id_and_stored_exactly() {
     let generated = client.request(&metric("p-001", "equity", 10234.5));
     assert_eq!(generated["ok"], true, "{generated}");
     let seq = generated["seq"].as_u64().unwrap();
-    assert_eq!(generated["event_id"], format!("test-agent-{seq}"));
+    // `~{run}-{seq}`: named after this start of the agent, in a form no client may send.
+    let generated_id = generated["event_id"].as_str().unwrap();
+    assert!(telemetry_agent::identity::is_generated_id(generated_id), "{generated}");
+    assert!(generated_id.ends_with(&format!("-{seq}")), "{generated}");
 
     let trade = r#"{"kind":"trade","profile_id":"p-001","symbol":"BTCUSDT","side":"buy","quantity":"0.5",
         "price":43000.10,"pnl":"12.5","fees":"0.02","opened_at":"2026-11-27T09:59:00Z","closed_at":1795773600123,

@@ -106,10 +106,13 @@ impl Database {
 
     pub async fn offset(&self) -> u64 {
         let mut conn = self.pool.get_conn().await.expect("connect");
-        conn.query_first("SELECT last_seq FROM telemetry_offsets WHERE agent_id = 'bench' AND sink = 'mysql'")
-            .await
-            .expect("offset")
-            .unwrap_or(0)
+        conn.query_first::<Option<u64>, _>(
+            "SELECT MAX(last_seq) FROM telemetry_run_offsets WHERE agent_id = 'bench' AND sink = 'mysql'",
+        )
+        .await
+        .expect("offset")
+        .flatten()
+        .unwrap_or(0)
     }
 
     pub async fn count(&self) -> u64 {
