@@ -226,7 +226,8 @@ fn wal_options(config: &Config) -> WalOptions {
         cache_bytes: config.wal.cache_bytes,
         gating_cursors: config.enabled_sinks().into_iter().map(String::from).collect(),
         // A new WAL starts at the current time in microseconds, so that a host whose WAL was wiped never
-        // reuses a generated event id (`{agent_id}-{seq}`) that MySQL already holds.
+        // reuses a generated event id (`{agent_id}-{seq}`) that MySQL already holds; `wal salvage` restarts
+        // there too at least, as it cannot tell how far a damaged last chunk reached.
         first_seq: u64::try_from(now_us()).unwrap_or(1),
         retain: Duration::from_secs(config.wal.retain_secs),
     }
