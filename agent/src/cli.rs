@@ -303,10 +303,11 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let closed = wal.close();
     drop(runtime);
     result?;
-    closed?;
+    // First: after a failure (from any path that syncs) `close` fails too, with less to say.
     if let Some(failure) = wal.failure() {
         bail!("stopped after a WAL failure: {failure}");
     }
+    closed?;
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
