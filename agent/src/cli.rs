@@ -227,7 +227,8 @@ fn wal_options(config: &Config) -> WalOptions {
         cache_bytes: config.wal.cache_bytes,
         gating_cursors: config.enabled_sinks().into_iter().map(String::from).collect(),
         // A new WAL starts at the current time in microseconds: seqs then read as times, and a host whose
-        // WAL was wiped never reuses an old seq (generated ids also name the run, see `identity`).
+        // WAL was wiped never reuses an old seq (generated ids also name the run, see `identity`). `wal
+        // salvage` restarts there too at least, as it cannot tell how far a damaged last chunk reached.
         first_seq: u64::try_from(now_us()).unwrap_or(1),
         retain: Duration::from_secs(config.wal.retain_secs),
     }
@@ -304,10 +305,11 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let closed = wal.close();
     drop(runtime);
     result?;
-    closed?;
+    // First: after a failure (from any path that syncs) `close` fails too, with less to say.
     if let Some(failure) = wal.failure() {
         bail!("stopped after a WAL failure: {failure}");
     }
+    closed?;
     tracing::info!("stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }

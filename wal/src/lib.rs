@@ -162,10 +162,12 @@ struct Shared {
     appended_seq: AtomicU64,
     /// Set when the writer has stopped; the interval flusher stops too.
     closing: AtomicBool,
-    /// The first write, flush or sync failure. After it nothing more is acknowledged: the state on disk is
-    /// unknown (a failed fdatasync may have dropped dirty pages), so only a restart and sled's recovery can
-    /// tell what is durable.
+    /// The first write, flush or sync failure, whichever thread met it. After it nothing more is acknowledged
+    /// nor made durable: the state on disk is unknown (a failed fdatasync may have dropped dirty pages), so
+    /// only a restart and sled's recovery can tell what is durable.
     failure: Mutex<Option<String>>,
+    /// Held across every flush and sync (see `Shared::flush_and_sync`).
+    sync_lock: Mutex<()>,
     disk_bytes: AtomicU64,
     /// Bytes of the chunks currently stored (summed at open, kept up to date by appends and truncation).
     live_bytes: AtomicU64,
@@ -223,6 +225,7 @@ impl Wal {
             appended_seq: AtomicU64::new(next_seq - 1),
             closing: AtomicBool::new(false),
             failure: Mutex::new(None),
+            sync_lock: Mutex::new(()),
             disk_bytes: AtomicU64::new(0),
             live_bytes: AtomicU64::new(live_bytes),
             group_commits: AtomicU64::new(0),
@@ -380,10 +383,10 @@ impl Wal {
         Ok(old.is_some())
     }
 
-    /// Flushes everything written so far (cursors included) and syncs it to disk.
+    /// Flushes everything written so far (cursors included) and syncs it to disk. A failure fails the WAL
+    /// (see [`Wal::failure`]); after one, this returns [`WalError::Failed`].
     pub fn flush(&self) -> Result<(), WalError> {
-        self.inner.db.flush().map_err(|e| self.sled_err("flush", e))?;
-        self.inner.shared.sync_data()
+        self.inner.shared.flush_and_sync(&self.inner.db)
     }
 
     /// Drops every chunk whose records all gating cursors have passed, and returns how many records went.
@@ -459,7 +462,8 @@ impl Wal {
         Ok(Table { tree, dir: self.inner.dir.clone() })
     }
 
-    /// The write failure that stopped the WAL, if any. The process should restart.
+    /// The write, flush or sync failure that stopped the WAL, if any, from appends or from any other call
+    /// that syncs (labels, dead letters, truncation, [`Wal::flush`]). The process should restart.
     pub fn failure(&self) -> Option<String> {
         self.inner.shared.failure()
     }
@@ -656,6 +660,22 @@ impl Shared {
         }
     }
 
+    /// Flushes sled and fdatasyncs its data file: the only way anything is made durable. A failure of either
+    /// fails the WAL, whoever asked: the kernel reports a failed writeback to one fsync only, so the next
+    /// caller's sync would succeed over dropped pages. Serialised, with the failure checked under the lock, so
+    /// that no sync counts as success once another has failed.
+    pub(crate) fn flush_and_sync(&self, db: &sled::Db) -> Result<(), WalError> {
+        let _serial = self.sync_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(detail) = self.failure() {
+            return Err(WalError::Failed { dir: self.dir.clone(), detail });
+        }
+        let result = db.flush().map_err(|e| WalError::sled(&self.dir, "flush", e)).and_then(|_| self.sync_data());
+        if let Err(e) = &result {
+            self.fail(e);
+        }
+        result
+    }
+
     fn sync_data(&self) -> Result<(), WalError> {
         fail::fail_point!("wal::sync_data", |_| Err(writer::injected(&self.dir, "fdatasync sled's data file")));
         self.data_file.sync_data().map_err(|e| WalError::io(&self.dir, "fdatasync sled's data file", e))?;
@@ -805,7 +825,8 @@ pub struct Salvage {
 impl Wal {
     /// Makes a damaged WAL usable again, keeping every intact record: drops the chunks that fail their
     /// checksum, accepts the loss of acknowledged records sled no longer has, and moves the seq high-water
-    /// mark past everything ever acknowledged. Run it only on a WAL that [`Wal::open`] refused as corrupt; a
+    /// mark past everything ever acknowledged and to at least `options.first_seq - 1`, so that new seqs
+    /// start at `first_seq` or later. Run it only on a WAL that [`Wal::open`] refused as corrupt; a
     /// WAL sled itself cannot open has nothing to salvage here.
     pub fn salvage(dir: impl AsRef<Path>, options: &WalOptions) -> Result<Salvage, WalError> {
         let dir = dir.as_ref().to_path_buf();
@@ -840,9 +861,12 @@ impl Wal {
         }
         let last_seq = last_durable_seq(newest, &meta, &dir)?;
         salvage.lost = lost_range(last_seq, acknowledged);
-        // A damaged last chunk may have held seqs beyond every intact one: skip past its key at least.
+        // A damaged last chunk may have held seqs beyond every intact one and beyond a lagging mark, how far
+        // nobody can tell: skip past its key at least, and past `first_seq` (the agent passes the current time
+        // in microseconds, as for a new WAL, which seqs handed out before the damage did not outrun).
         let damaged_max = salvage.damaged_chunks.iter().map(|(first, _)| *first).max();
-        let high_water = [last_seq, acknowledged, damaged_max].into_iter().flatten().max().unwrap_or(0);
+        let fresh = options.first_seq.checked_sub(1);
+        let high_water = [last_seq, acknowledged, damaged_max, fresh].into_iter().flatten().max().unwrap_or(0);
         salvage.next_seq_after = high_water;
         records.apply_batch(damaged).map_err(|e| WalError::sled(&dir, "drop damaged chunks", e))?;
         meta.insert(META_HIGH_WATER, &high_water.to_be_bytes())

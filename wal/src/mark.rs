@@ -68,13 +68,14 @@ impl AckMark {
         }
     }
 
-    /// Makes the last recorded mark durable, if it changed.
-    pub fn sync(&self) {
+    /// Makes the last recorded mark durable, if it changed. A failure is the caller's to act on (it fails
+    /// the WAL, as any failed sync does).
+    pub fn sync(&self) -> Result<(), WalError> {
         if self.dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.file.sync_data() {
-                self.failed_once(&e.to_string());
-            }
+            fail::fail_point!("wal::mark_sync", |_| Err(crate::writer::injected(&self.path, "fdatasync the mark")));
+            self.file.sync_data().map_err(|e| WalError::io(&self.path, "fdatasync the acknowledged mark", e))?;
         }
+        Ok(())
     }
 
     /// Records and syncs, reporting failure (salvage, where it matters).
@@ -84,7 +85,8 @@ impl AckMark {
     }
 
     fn failed_once(&self, error: &str) {
-        // Not fatal: sled holds the records; only the detection of damage to sled's log is weakened.
+        // A failed write (not sync) is not fatal: sled holds the records; only the detection of damage to sled's
+        // log is weakened.
         if !self.failed.swap(true, Ordering::Relaxed) {
             tracing::error!(error, path = %self.path.display(), "cannot write the WAL's acknowledged mark");
         }

@@ -159,8 +159,7 @@ impl Writer {
             // Acked records can be lost in this mode; their seqs must not come back after a restart.
             let lease = last_seq + LEASE_STEP;
             self.meta.insert(META_SEQ_LEASE, &lease.to_be_bytes()).map_err(|e| WalError::sled(dir, "lease seqs", e))?;
-            self.db.flush().map_err(|e| WalError::sled(dir, "flush", e))?;
-            self.shared.sync_data()?;
+            self.shared.flush_and_sync(&self.db)?;
             self.leased_until = lease;
         }
 
@@ -191,9 +190,9 @@ impl Writer {
 
         match self.durability {
             Durability::Fsync => {
-                self.db.flush().map_err(|e| WalError::sled(dir, "flush", e))?;
-                // sled's flush is sync_file_range: it does not reach the disk's cache nor metadata.
-                self.shared.sync_data()?;
+                // sled's flush is sync_file_range: it does not reach the disk's cache nor metadata, hence the
+                // fdatasync. Fails (and answers the group with the failure) once any caller's sync failed.
+                self.shared.flush_and_sync(&self.db)?;
                 self.shared.mark.record(last_seq);
                 self.shared.durable_seq.send_replace(last_seq);
                 self.shared.refresh_disk_bytes();
@@ -213,8 +212,7 @@ pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u
     while !shared.closing.load(Ordering::Relaxed) {
         std::thread::sleep(interval);
         let target = shared.appended_seq.load(Ordering::Acquire);
-        let result = db.flush().map_err(|e| WalError::sled(&shared.dir, "flush", e)).and_then(|_| shared.sync_data());
-        match result {
+        match shared.flush_and_sync(&db) {
             Ok(()) => {
                 if target > *shared.durable_seq.borrow() {
                     shared.mark.record(target);
@@ -222,11 +220,8 @@ pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u
                 }
                 shared.refresh_disk_bytes();
             }
-            Err(e) => {
-                // Nothing past this point may be reported durable; see `Shared::failure`.
-                shared.fail(&e);
-                return;
-            }
+            // Failed here or in another caller's sync (recorded there): nothing more is made durable.
+            Err(_) => return,
         }
     }
 }
@@ -240,7 +235,11 @@ pub(crate) fn mark_syncer(shared: Arc<Shared>) {
     loop {
         let closing = shared.closing.load(Ordering::Relaxed);
         if closing || last_sync.elapsed() >= MARK_SYNC_EVERY {
-            shared.mark.sync();
+            if let Err(e) = shared.mark.sync() {
+                // As for sled's file: the disk reports a failed writeback once, so stop rather than go on.
+                shared.fail(&e);
+                return;
+            }
             last_sync = std::time::Instant::now();
         }
         if closing {

@@ -727,3 +727,51 @@ fn the_acknowledged_mark_never_makes_a_healthy_wal_look_damaged() {
     let wal = open(dir.path(), options());
     assert!(append_all(&wal, [b"x".to_vec()])[0] > *seqs.last().unwrap());
 }
+
+/// A power cut can damage the last chunk while the acknowledged mark lags (it is synced about once a second):
+/// salvage then cannot know how far the damaged chunk reached. Seqs already handed out from it must not come
+/// back (they are in generated event ids MySQL may hold): the next seq is at least the current time in
+/// microseconds, as for a new WAL.
+#[test]
+fn salvage_of_a_damaged_last_chunk_never_reuses_its_seqs() {
+    let now_us = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let options = || WalOptions { first_seq: now_us(), ..WalOptions::default() };
+    let (first_mark, max_acked) = {
+        let wal = open(dir.path(), options());
+        let first = append_all(&wal, (0..10u8).map(|i| vec![i; 100]));
+        // One group of several chunks, after the mark was last synced.
+        let seqs = append_all(&wal, (0..200u8).map(|i| vec![i; 100]));
+        wal.close().unwrap();
+        (*first.last().unwrap(), *seqs.last().unwrap())
+    };
+    // The mark as a power cut may leave it: behind, at the first group.
+    let mut mark = first_mark.to_be_bytes().to_vec();
+    mark.extend_from_slice(&crc32fast::hash(&mark).to_be_bytes());
+    std::fs::write(dir.path().join("acked-seq"), mark).unwrap();
+    // The last chunk damaged (under sled's own checksum, as a torn write sled replayed would be).
+    let damaged_first = {
+        let db = sled::Config::new().path(dir.path().join("sled")).segment_size(8 << 20).open().unwrap();
+        let records = db.open_tree("records").unwrap();
+        assert!(records.len() > 2, "expected several chunks");
+        let (key, value) = records.last().unwrap().unwrap();
+        let mut bad = value.to_vec();
+        let at = bad.len() - 3;
+        bad[at] ^= 0xff;
+        records.insert(&key, bad).unwrap();
+        db.flush().unwrap();
+        u64::from_be_bytes(key.as_ref().try_into().unwrap())
+    };
+    assert!(damaged_first < max_acked, "the damaged chunk holds several records");
+
+    let salvage = Wal::salvage(dir.path(), &options()).unwrap();
+    assert_eq!(salvage.damaged_chunks.len(), 1);
+    assert!(
+        salvage.next_seq_after >= max_acked,
+        "salvage restarts at {} (acked up to {max_acked})",
+        salvage.next_seq_after
+    );
+    let wal = open(dir.path(), options());
+    let next = append_all(&wal, [b"after salvage".to_vec()])[0];
+    assert!(next > max_acked, "seq {next} handed out again (acknowledged up to {max_acked})");
+}
