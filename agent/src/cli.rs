@@ -284,6 +284,8 @@ fn salvage(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
 fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let log_level = init_logging(&config);
+    // Test builds only: fail points named in FAILPOINTS (tests hold the agent at a chosen step).
+    let _failpoints = fail::has_failpoints().then(fail::FailScenario::setup);
     let agent_id = config.agent_id()?;
     let wal = open_wal(&config.wal.dir, wal_options(&config), config_path)?;
     match wal.label("agent_id")? {
@@ -332,6 +334,7 @@ async fn serve(
         inflight_bytes: Arc::new(tokio::sync::Semaphore::new(ingest.max_inflight_bytes)),
         overload_timeout: Duration::from_millis(ingest.overload_timeout_ms),
         idle_timeout: (ingest.idle_timeout_secs > 0).then(|| Duration::from_secs(ingest.idle_timeout_secs)),
+        answer_timeout: Duration::from_secs(ingest.answer_timeout_secs),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = match config.http.enabled {

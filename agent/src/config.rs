@@ -47,8 +47,11 @@ pub struct IngestConfig {
     pub max_pending_per_connection: usize,
     /// How long a line may wait for room in the WAL queue before it is answered `overloaded`.
     pub overload_timeout_ms: u64,
-    /// Bytes of events read but not yet answered, across all connections (bounds memory).
+    /// Bytes of events read but not yet durable, and of lines not yet complete, across all connections
+    /// (bounds memory).
     pub max_inflight_bytes: usize,
+    /// A client that reads none of its waiting answers for this long is closed (its slots and memory freed).
+    pub answer_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +208,7 @@ impl Default for IngestConfig {
             max_pending_per_connection: 128,
             overload_timeout_ms: 2000,
             max_inflight_bytes: 64 << 20,
+            answer_timeout_secs: 30,
         }
     }
 }
@@ -271,6 +275,7 @@ impl Config {
         for (key, value) in [
             ("[ingest] max_connections", ingest.max_connections),
             ("[ingest] max_pending_per_connection", ingest.max_pending_per_connection),
+            ("[ingest] answer_timeout_secs", usize::try_from(ingest.answer_timeout_secs).unwrap_or(usize::MAX)),
         ] {
             if value == 0 {
                 bail!("{key} must be at least 1");

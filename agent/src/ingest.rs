@@ -2,8 +2,10 @@
 //! appends each event to the WAL and answers every line, in order, once its event is durable.
 //!
 //! Shutdown follows tokio's mini-redis: a broadcast tells handlers to stop reading; each holds a clone of
-//! an mpsc sender, so the listener knows every handler finished when the channel closes.
+//! an mpsc sender, so the listener knows every handler finished when the channel closes. A line whose event
+//! was appended is always answered (within the grace period): shutdown stops reading, never answering.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -11,15 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use serde::Serialize;
 use telemetry_wal::{Appender, Pending, WalError};
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
+use tokio::time::Instant;
 
 use crate::event::{now_us, parse_line, Event, Rejection};
 use crate::identity::Identity;
@@ -32,35 +35,166 @@ pub struct IngestContext {
     pub identity: Arc<Identity>,
     pub max_line_bytes: usize,
     pub max_pending: usize,
-    /// Bytes of events read but not yet answered, across all connections: bounds memory whatever clients do.
+    /// Bytes of events read but not yet durable, and of lines not yet complete, across all connections:
+    /// bounds memory whatever clients do.
     pub inflight_bytes: Arc<Semaphore>,
     pub overload_timeout: Duration,
     /// `None`: idle connections stay open.
     pub idle_timeout: Option<Duration>,
+    /// A connection whose answers wait this long without the client reading any is closed.
+    pub answer_timeout: Duration,
 }
 
 /// How long, after SIGTERM, answers may take to reach clients that do not read them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Lines end with `\n`. Bytes left without one when the stream ends are a line cut off by a dropped
-/// connection: they are discarded, never parsed (tokio's codec would hand them out as a last line).
-struct LineCodec(AnyDelimiterCodec);
+/// After `line_too_long` the rest of the line is read and dropped, so that a client still writing it gets
+/// no EPIPE and can read the answer; at most this many bytes...
+const DISCARD_MAX_BYTES: usize = 16 << 20;
+/// ...and for at most this long.
+const DISCARD_MAX_TIME: Duration = Duration::from_secs(5);
 
-impl Decoder for LineCodec {
-    type Item = Bytes;
-    type Error = AnyDelimiterCodecError;
+/// Bytes read from a socket at once: a line's bytes are counted in `inflight_bytes` at this granularity.
+const READ_CHUNK: usize = 8 * 1024;
 
-    fn decode(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<Bytes>, Self::Error> {
-        self.0.decode(buf)
+/// Written bytes at the front of the answer buffer are dropped beyond this.
+const COMPACT_BYTES: usize = 64 * 1024;
+
+/// Splits a connection's bytes into lines, which end with `\n`. The bytes of a line not yet complete count
+/// in `inflight_bytes`: thousands of clients each midway through a long line must not grow memory unbounded.
+struct LineReader {
+    read: OwnedReadHalf,
+    buf: BytesMut,
+    /// `buf[..scanned]` holds no newline.
+    scanned: usize,
+    max_line_bytes: usize,
+    budget: Arc<Semaphore>,
+    /// Permits for the bytes held in `buf`.
+    held: Option<OwnedSemaphorePermit>,
+    /// A too-long line was cut off before its newline; its rest is still to come.
+    in_long_line: bool,
+}
+
+enum Read {
+    Line(Bytes),
+    TooLong,
+    /// The buffered bytes of an incomplete line found no room in `inflight_bytes` in time.
+    Overloaded,
+    /// End of stream. Bytes left without a newline are a line cut off by a dropped connection: discarded.
+    End,
+}
+
+impl LineReader {
+    fn new(read: OwnedReadHalf, context: &IngestContext) -> LineReader {
+        LineReader {
+            read,
+            buf: BytesMut::new(),
+            scanned: 0,
+            max_line_bytes: context.max_line_bytes,
+            budget: context.inflight_bytes.clone(),
+            held: None,
+            in_long_line: false,
+        }
     }
 
-    fn decode_eof(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<Bytes>, Self::Error> {
-        let line = self.0.decode(buf)?;
-        if line.is_none() && !buf.is_empty() {
-            tracing::debug!(bytes = buf.len(), "discarding an incomplete last line");
-            buf.clear();
+    /// The next line. Cancel-safe: whatever was read stays buffered.
+    async fn next(&mut self, overload_timeout: Duration) -> io::Result<Read> {
+        loop {
+            if let Some(at) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let end = self.scanned + at;
+                let mut line = self.buf.split_to(end + 1);
+                line.truncate(end);
+                self.scanned = 0;
+                self.release_beyond(self.buf.len());
+                if line.len() > self.max_line_bytes {
+                    return Ok(Read::TooLong);
+                }
+                return Ok(Read::Line(line.freeze()));
+            }
+            self.scanned = self.buf.len();
+            if self.buf.len() > self.max_line_bytes {
+                self.in_long_line = true;
+                self.clear();
+                return Ok(Read::TooLong);
+            }
+            if !self.charge(self.buf.len(), overload_timeout).await {
+                self.clear();
+                return Ok(Read::Overloaded);
+            }
+            self.buf.reserve(READ_CHUNK);
+            if (&mut self.read).take(READ_CHUNK as u64).read_buf(&mut self.buf).await? == 0 {
+                if !self.buf.is_empty() {
+                    tracing::debug!(bytes = self.buf.len(), "discarding an incomplete last line");
+                }
+                self.clear();
+                return Ok(Read::End);
+            }
         }
-        Ok(line)
+    }
+
+    /// After [`Read::TooLong`]: reads and drops the rest of that line, within [`DISCARD_MAX_BYTES`] and
+    /// [`DISCARD_MAX_TIME`]. True if its newline came.
+    async fn discard_rest(&mut self) -> bool {
+        if !self.in_long_line {
+            return true;
+        }
+        let discard = async {
+            let mut discarded = 0;
+            while discarded < DISCARD_MAX_BYTES {
+                self.buf.clear();
+                self.buf.reserve(READ_CHUNK);
+                match (&mut self.read).take(READ_CHUNK as u64).read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) if self.buf.contains(&b'\n') => return true,
+                    Ok(n) => discarded += n,
+                }
+            }
+            false
+        };
+        let ended = tokio::time::timeout(DISCARD_MAX_TIME, discard).await.unwrap_or(false);
+        self.in_long_line = false;
+        self.clear();
+        ended
+    }
+
+    /// Complete lines buffered and not yet handed out.
+    fn complete_lines(&self) -> usize {
+        self.buf.iter().filter(|&&b| b == b'\n').count()
+    }
+
+    /// Holds permits for `bytes` buffered; false if they cannot be had within `timeout`.
+    async fn charge(&mut self, bytes: usize, timeout: Duration) -> bool {
+        let held = self.held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        if bytes <= held {
+            return true;
+        }
+        // At most a line plus one read: always fits.
+        let more = u32::try_from(bytes - held).unwrap_or(u32::MAX);
+        match tokio::time::timeout(timeout, self.budget.clone().acquire_many_owned(more)).await {
+            Ok(Ok(permit)) => {
+                match &mut self.held {
+                    Some(held) => held.merge(permit),
+                    None => self.held = Some(permit),
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn release_beyond(&mut self, bytes: usize) {
+        if let Some(held) = &mut self.held {
+            let extra = held.num_permits().saturating_sub(bytes);
+            if extra > 0 {
+                drop(held.split(extra));
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.scanned = 0;
+        self.release_beyond(0);
     }
 }
 
@@ -186,70 +320,115 @@ struct Handler {
 /// An answer in the making, queued in line order.
 enum Reply {
     Ready(Vec<u8>),
-    Durable { pending: Pending, event_id: Option<String>, profile_id: String, _inflight: OwnedSemaphorePermit },
+    Durable { pending: Pending, event_id: Option<String>, profile_id: String, inflight: OwnedSemaphorePermit },
 }
+
+/// A reply with the slot of its line (see `Handler::run`); `shutting_down` answers take none.
+type Queued = (Reply, Option<OwnedSemaphorePermit>);
 
 impl Handler {
     async fn run(mut self, stream: UnixStream) {
         let _connected = ConnectionCount::new();
         let (read, write) = stream.into_split();
-        let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), self.context.max_line_bytes);
-        let mut lines = FramedRead::new(read, LineCodec(codec));
-        // Bounded: a client that does not read its answers stops being read, and memory stays bounded.
-        let (replies_tx, replies_rx) = mpsc::channel(self.context.max_pending);
-        let writer = tokio::spawn(write_replies(write, replies_rx, self.context.clone()));
+        let mut lines = LineReader::new(read, &self.context);
+        // A slot per line read and not yet answered: a client that does not read its answers stops being read.
+        let slots = Arc::new(Semaphore::new(self.context.max_pending));
+        // Unbounded because the slots bound it: queuing an answer never waits, so it is never given up.
+        let (replies_tx, replies_rx) = mpsc::unbounded_channel::<Queued>();
+        let mut writer = tokio::spawn(write_replies(write, replies_rx, self.context.clone()));
+        let mut stopping = false;
 
+        // Shutdown comes first in each `select!` (`biased`): once it has begun, no further line is read.
+        // Only reading races it; an appended event's answer is queued unconditionally below.
         loop {
+            let slot = tokio::select! {
+                biased;
+                _ = self.shutdown.recv() => {
+                    stopping = true;
+                    break;
+                }
+                // The writer gave up on this client.
+                () = replies_tx.closed() => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             let idle = async {
                 match self.context.idle_timeout {
                     Some(timeout) => tokio::time::sleep(timeout).await,
                     None => std::future::pending().await,
                 }
             };
-            let reply = tokio::select! {
-                line = lines.next() => match line {
-                    Some(Ok(line)) => self.handle_line(line).await,
-                    Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
-                        let max = self.context.max_line_bytes;
-                        tracing::warn!(max_line_bytes = max, "line too long; closing the connection");
-                        let _ = replies_tx
-                            .send(Reply::Ready(error_line("line_too_long", &format!("line exceeds {max} bytes; closing the connection"))))
-                            .await;
-                        break;
-                    }
-                    Some(Err(AnyDelimiterCodecError::Io(e))) => {
-                        tracing::debug!(error = %e, "read failed");
-                        break;
-                    }
-                    // End of stream. A trailing line without its newline is incomplete: it is not stored.
-                    None => break,
-                },
+            let read = tokio::select! {
+                biased;
                 _ = self.shutdown.recv() => {
-                    // Answer the complete lines already read into our buffer, then stop reading. (Polling the
-                    // socket for more would let a client that never stops writing hold up the shutdown.)
-                    let already_read = lines.read_buffer().iter().filter(|&&b| b == b'\n').count();
-                    for _ in 0..already_read {
-                        let line = error_line("shutting_down", "the agent is shutting down; resend to the restarted agent");
-                        if replies_tx.send(Reply::Ready(line)).await.is_err() {
-                            break;
-                        }
-                    }
+                    stopping = true;
                     break;
                 }
+                () = replies_tx.closed() => break,
+                read = lines.next(self.context.overload_timeout) => read,
                 () = idle => {
                     tracing::debug!("closing idle connection");
                     break;
                 }
             };
-            // A client that does not read its answers fills this queue; shutdown must not wait on it.
-            tokio::select! {
-                sent = replies_tx.send(reply) => if sent.is_err() { break }, // The client is gone.
-                _ = self.shutdown.recv() => break,
+            let reply = match read {
+                Ok(Read::Line(line)) => self.handle_line(line).await,
+                Ok(Read::TooLong) => {
+                    let max = self.context.max_line_bytes;
+                    tracing::warn!(
+                        code = "line_too_long",
+                        max_line_bytes = max,
+                        "line too long; closing the connection"
+                    );
+                    let error = format!("line exceeds {max} bytes; closing the connection");
+                    let _ = replies_tx.send((Reply::Ready(error_line("line_too_long", &error)), Some(slot)));
+                    // Closing while the client still writes that line would fail its write before it reads the
+                    // answer: take the rest of the line first (bounded).
+                    tokio::select! {
+                        biased;
+                        _ = self.shutdown.recv() => {}
+                        _ = lines.discard_rest() => {}
+                    }
+                    break;
+                }
+                Ok(Read::Overloaded) => {
+                    tracing::warn!(
+                        code = "overloaded",
+                        "an incomplete line found no room in max_inflight_bytes; closing the connection"
+                    );
+                    let error = "the agent cannot keep up ([ingest] max_inflight_bytes); retry later";
+                    let _ = replies_tx.send((Reply::Ready(error_line("overloaded", error)), Some(slot)));
+                    break;
+                }
+                Ok(Read::End) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "read failed");
+                    break;
+                }
+            };
+            if matches!(reply, Reply::Durable { .. }) {
+                if let Some(ms) = after_store_hold() {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            }
+            if replies_tx.send((reply, Some(slot))).is_err() {
+                break; // The client is gone.
+            }
+        }
+        if stopping {
+            // Complete lines already read into our buffer are answered, not stored. (Polling the socket for more
+            // would let a client that never stops writing hold up the shutdown.)
+            for _ in 0..lines.complete_lines() {
+                let line = error_line("shutting_down", "the agent is shutting down; resend to the restarted agent");
+                if replies_tx.send((Reply::Ready(line), None)).is_err() {
+                    break;
+                }
             }
         }
         drop(replies_tx);
-        // Answers for events already durable go out, within a grace period once shutdown has begun.
-        let mut writer = writer;
+        // Answers for events already appended go out, within a grace period once shutdown has begun.
         tokio::select! {
             _ = &mut writer => {}
             _ = async {
@@ -270,6 +449,7 @@ impl Handler {
                 return Reply::Ready(error_line(code, &error));
             }
         };
+        drop(line);
         if !self.operator && event.client_event_id().is_some_and(crate::identity::is_generated_id) {
             let error = "`event_id` values starting with `~` are reserved for ids the agent generates";
             tracing::warn!(code = "invalid_event", profile_id = event.profile_id(), error, "rejected a line");
@@ -293,42 +473,110 @@ impl Handler {
                 pending,
                 event_id: event.client_event_id().map(str::to_string),
                 profile_id: event.profile_id().to_string(),
-                _inflight: permit,
+                inflight: permit,
             },
             Ok(Some((_, Err(e)))) => Reply::Ready(wal_error_line(&e, event.profile_id())),
             Ok(None) => Reply::Ready(error_line("shutting_down", "the agent is shutting down")),
             Err(_) => {
-                tracing::warn!(profile_id = event.profile_id(), "ingest queue full; answered overloaded");
+                tracing::warn!(
+                    code = "overloaded",
+                    profile_id = event.profile_id(),
+                    "ingest queue full; answered overloaded"
+                );
                 Reply::Ready(error_line("overloaded", "the agent cannot keep up; retry later"))
             }
         }
     }
 }
 
-/// Answers replies in order, flushing whenever no further answer is ready.
-async fn write_replies(write: OwnedWriteHalf, mut replies: mpsc::Receiver<Reply>, context: Arc<IngestContext>) {
-    let mut out = BufWriter::new(write);
-    while let Some(reply) = replies.recv().await {
-        let line = match reply {
-            Reply::Ready(line) => line,
-            Reply::Durable { pending, event_id, profile_id, _inflight } => match pending.durable().await {
+/// Test hook: `FAILPOINTS=ingest::after_store=return(MS)` holds a stored event's answer back for MS ms, so
+/// that a test can start the shutdown exactly there.
+fn after_store_hold() -> Option<u64> {
+    fail::fail_point!("ingest::after_store", |ms: Option<String>| ms.and_then(|ms| ms.parse().ok()));
+    None
+}
+
+/// Waits until a reply's event is durable and gives its answer line. The event's bytes leave
+/// `inflight_bytes` here, as soon as it is durable, whether or not the client reads its answers.
+async fn resolve(reply: Reply, identity: &Identity) -> Vec<u8> {
+    match reply {
+        Reply::Ready(line) => line,
+        Reply::Durable { pending, event_id, profile_id, inflight } => {
+            let durable = pending.durable().await;
+            drop(inflight);
+            match durable {
                 Ok(seq) => {
                     METRICS.acks.inc();
-                    let event_id = context.identity.event_id(event_id.as_deref(), seq);
+                    let event_id = identity.event_id(event_id.as_deref(), seq);
                     json_line(&Ack { ok: true, seq, event_id: &event_id })
                 }
                 Err(e) => wal_error_line(&e, &profile_id),
-            },
-        };
-        if out.write_all(&line).await.is_err() {
-            return;
-        }
-        if replies.is_empty() && out.flush().await.is_err() {
-            return;
+            }
         }
     }
-    let _ = out.flush().await;
-    let _ = out.shutdown().await;
+}
+
+/// Answers replies in line order. Events are waited on while earlier answers are being written, so a client
+/// that does not read holds only its answers (and its slots), never in-flight event bytes. Everything ready
+/// goes out in one write; a client that takes none of it for `answer_timeout` is closed.
+async fn write_replies(
+    mut write: OwnedWriteHalf,
+    mut replies: mpsc::UnboundedReceiver<Queued>,
+    context: Arc<IngestContext>,
+) {
+    let mut resolving = FuturesOrdered::new();
+    // Answers not yet written are `out[written..]`; each line's slot is released once it is written.
+    let mut out: Vec<u8> = Vec::new();
+    let mut written = 0;
+    let mut slots: VecDeque<(usize, Option<OwnedSemaphorePermit>)> = VecDeque::new();
+    let mut progress = Instant::now();
+    let mut open = true;
+    loop {
+        if !open && resolving.is_empty() && written == out.len() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            reply = replies.recv(), if open => match reply {
+                Some((reply, slot)) => {
+                    let context = context.clone();
+                    resolving.push_back(async move { (resolve(reply, &context.identity).await, slot) });
+                }
+                None => open = false,
+            },
+            Some((line, slot)) = resolving.next(), if !resolving.is_empty() => {
+                if written == out.len() {
+                    progress = Instant::now();
+                }
+                out.extend_from_slice(&line);
+                slots.push_back((out.len(), slot));
+            }
+            result = write.write(&out[written..]), if written < out.len() => match result {
+                Ok(0) | Err(_) => return, // The client is gone.
+                Ok(n) => {
+                    written += n;
+                    progress = Instant::now();
+                    while slots.front().is_some_and(|(end, _)| *end <= written) {
+                        slots.pop_front();
+                    }
+                    if written == out.len() || written >= COMPACT_BYTES {
+                        out.drain(..written);
+                        slots.iter_mut().for_each(|(end, _)| *end -= written);
+                        written = 0;
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(progress + context.answer_timeout), if written < out.len() => {
+                tracing::warn!(
+                    timeout_secs = context.answer_timeout.as_secs(),
+                    unwritten_bytes = out.len() - written,
+                    "a client did not read its answers; closing it"
+                );
+                return;
+            }
+        }
+    }
+    let _ = write.shutdown().await;
 }
 
 fn wal_error_line(e: &WalError, profile_id: &str) -> Vec<u8> {

@@ -18,7 +18,7 @@ use anyhow::Context;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind};
 use serde::{Deserialize, Serialize};
-use telemetry_wal::{Record, Table, Wal};
+use telemetry_wal::{Record, Table, Wal, MAX_RECORD_BYTES};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{mask_url, read_secret_file, RedisConfig};
@@ -28,8 +28,10 @@ use crate::metrics::METRICS;
 
 pub const SINK: &str = "redis";
 const TABLE: &str = "redis_latest";
-/// Records folded per step.
+/// Records folded per step...
 const FOLD_BATCH: usize = 10_000;
+/// ...and at most this many payload bytes read per step (records can be 112 KiB each).
+const FOLD_BATCH_BYTES: usize = 8 << 20;
 /// Table entries pushed per pipeline...
 const SYNC_BATCH: usize = 10_000;
 /// ...and roughly the most bytes per pipeline (trades carry their `meta`).
@@ -717,21 +719,38 @@ fn fold_step(
     identity: &Identity,
     after: u64,
 ) -> Result<Option<Folded>, telemetry_wal::WalError> {
-    let records = wal.read_after(after, FOLD_BATCH)?;
-    let Some(last_seq) = records.last().map(|r| r.seq) else { return Ok(None) };
     let mut newest: HashMap<Vec<u8>, Latest> = HashMap::new();
-    for record in &records {
-        match Latest::from_record(record, identity) {
-            Ok((key, latest)) => match newest.get(&key) {
-                Some(kept) if kept.order() >= latest.order() => {}
-                _ => {
-                    newest.insert(key, latest);
+    let (mut last_seq, mut records, mut bytes) = (None, 0, 0);
+    // Read in pieces that fit in what is left of the byte budget even if every record is as large as it may be.
+    loop {
+        let room = (FOLD_BATCH_BYTES.saturating_sub(bytes) / MAX_RECORD_BYTES).min(FOLD_BATCH - records);
+        if room == 0 {
+            break;
+        }
+        let batch = wal.read_after(last_seq.unwrap_or(after), room)?;
+        let Some(last) = batch.last().map(|r| r.seq) else { break };
+        last_seq = Some(last);
+        records += batch.len();
+        for record in &batch {
+            bytes += record.payload.len();
+            match Latest::from_record(record, identity) {
+                Ok((key, latest)) => match newest.get(&key) {
+                    Some(kept) if kept.order() >= latest.order() => {}
+                    _ => {
+                        newest.insert(key, latest);
+                    }
+                },
+                // The MySQL forwarder dead-letters such a record; the mirror has nothing to show for it.
+                Err(e) => {
+                    tracing::error!(seq = record.seq, error = %e, "the Redis mirror skips an undecodable record")
                 }
-            },
-            // The MySQL forwarder dead-letters such a record; the mirror has nothing to show for it.
-            Err(e) => tracing::error!(seq = record.seq, error = %e, "the Redis mirror skips an undecodable record"),
+            }
+        }
+        if batch.len() < room {
+            break; // Caught up.
         }
     }
+    let Some(last_seq) = last_seq else { return Ok(None) };
     let mut writes = Vec::with_capacity(newest.len());
     for (key, latest) in newest {
         let stored = table.get(&key)?.and_then(|bytes| Latest::decode(&bytes).ok());
@@ -788,6 +807,25 @@ mod tests {
         assert!(dirty.is_empty(), "too early");
         dirty.unpark(Duration::ZERO);
         assert_eq!(dirty.take(10), vec![(b"a".to_vec(), 2)]);
+    }
+
+    #[test]
+    fn a_fold_step_reads_a_bounded_number_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), telemetry_wal::WalOptions::default()).unwrap();
+        let table = wal.table(TABLE).unwrap();
+        let appender = wal.appender();
+        let pending: Vec<_> = (0..200).map(|_| appender.blocking_append(vec![b'x'; 100_000]).unwrap()).collect();
+        let seqs: Vec<u64> = pending.into_iter().map(|p| p.blocking_durable().unwrap()).collect();
+        let folded = fold_step(&wal, &table, "a", 0).unwrap().unwrap();
+        let count = seqs.iter().filter(|&&seq| seq <= folded.last_seq).count();
+        assert!(count * 100_000 <= FOLD_BATCH_BYTES, "{count} records of 100 kB folded in one step");
+        // The next steps take the rest.
+        let mut after = folded.last_seq;
+        while let Some(folded) = fold_step(&wal, &table, "a", after).unwrap() {
+            after = folded.last_seq;
+        }
+        assert_eq!(Some(&after), seqs.last());
     }
 
     #[test]

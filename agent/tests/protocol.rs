@@ -479,3 +479,181 @@ fn sigterm_does_not_wait_for_a_client_that_never_reads() {
     assert!(started.elapsed() < Duration::from_secs(20), "shutdown waited {:?} on a client", started.elapsed());
     drop(hog);
 }
+
+/// Writes `line` over and over, without reading answers, until the agent stops reading this client.
+fn write_until_the_agent_stops_reading(client: &mut Client, line: &str) {
+    client.stream.set_nonblocking(true).unwrap();
+    let bytes = format!("{line}\n").into_bytes();
+    let mut offset = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stalled_since = Instant::now();
+    while stalled_since.elapsed() < Duration::from_millis(500) {
+        assert!(Instant::now() < deadline, "the agent kept reading a client that never reads its answers");
+        match client.stream.write(&bytes[offset..]) {
+            Ok(n) => {
+                offset = (offset + n) % bytes.len();
+                stalled_since = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    client.stream.set_nonblocking(false).unwrap();
+}
+
+fn trade_with_meta(pad: usize) -> String {
+    format!(
+        r#"{{"kind":"trade","profile_id":"p","symbol":"X","side":"buy","quantity":1,"price":2,"meta":{{"pad":"{}"}}}}"#,
+        "m".repeat(pad)
+    )
+}
+
+#[test]
+fn sigterm_answers_an_event_stored_just_before_it() {
+    let mut agent = Agent::configure("");
+    // Each handler holds its answer for 1.5 s right after storing the event: SIGTERM lands there.
+    agent.env.push(("FAILPOINTS".into(), "ingest::after_store=return(1500)".into()));
+    agent.restart();
+    let mut clients: Vec<Client> = (0..20).map(|_| agent.connect()).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.send(&metric("p", "held", i as f64));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut acked = Vec::new();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let answer = client.answer();
+        let seq = answer.as_ref().filter(|a| a["ok"] == true).and_then(|a| a["seq"].as_u64());
+        acked.push(seq.unwrap_or_else(|| panic!("client {i}: its stored event got {answer:?}, not its ack")));
+    }
+    assert!(agent.wait().success(), "{}", agent.log());
+    acked.sort_unstable();
+    let stored: Vec<u64> = agent.wal_events().into_iter().map(|(seq, _)| seq).collect();
+    assert_eq!(stored, acked, "stored events and acks differ");
+}
+
+#[test]
+fn repeated_sigterm_with_resends_of_unanswered_lines_stores_no_duplicates() {
+    const CLIENTS: usize = 16;
+    const EVENTS: usize = 150;
+    let mut agent = Agent::configure("");
+    // Widens the window between storing an event and queuing its answer, where SIGTERM used to drop answers.
+    agent.env.push(("FAILPOINTS".into(), "ingest::after_store=10%return(50)".into()));
+    agent.restart();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let socket = agent.socket.clone();
+            std::thread::spawn(move || {
+                // Id-less events, each line resent only when it got no answer or `shutting_down`.
+                let (mut next, mut resends) = (0, 0);
+                while next < EVENTS {
+                    let Ok(mut client) = Client::try_connect(&socket) else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    while next < EVENTS {
+                        match client.try_request(&metric(&format!("c{c}"), "m", next as f64)) {
+                            Some(answer) if answer["ok"] == true => next += 1,
+                            Some(answer) => {
+                                assert_error(&answer, "shutting_down", "shutting down");
+                                resends += 1;
+                                break;
+                            }
+                            None => {
+                                resends += 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+                resends
+            })
+        })
+        .collect();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(agent.stop().success(), "{}", agent.log());
+        agent.restart();
+    }
+    let resends: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(agent.stop().success());
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    for (_, event) in agent.wal_events() {
+        let Event::Metric(m) = event else { panic!("not a metric") };
+        if !seen.insert((m.profile_id.clone(), m.value.to_bits())) {
+            duplicates += 1;
+        }
+    }
+    eprintln!("{resends} resends, {duplicates} duplicates");
+    assert_eq!(duplicates, 0, "events stored twice: their first answer was dropped");
+    assert_eq!(seen.len(), CLIENTS * EVENTS);
+}
+
+#[test]
+fn clients_that_never_read_do_not_take_the_inflight_budget() {
+    let agent = Agent::start("[ingest]\nmax_inflight_bytes = 98304\noverload_timeout_ms = 500");
+    let line = trade_with_meta(2000);
+    let _deaf: Vec<Client> = (0..3)
+        .map(|_| {
+            let mut deaf = agent.connect();
+            write_until_the_agent_stops_reading(&mut deaf, &line);
+            deaf
+        })
+        .collect();
+    let mut good = agent.connect();
+    for i in 0..20 {
+        let answer = good.request(&line);
+        assert_eq!(answer["ok"], true, "request {i} of a client that reads its answers: {answer}");
+    }
+}
+
+#[test]
+fn a_client_that_does_not_read_its_answers_is_closed_after_the_answer_timeout() {
+    let agent = Agent::start("[ingest]\nanswer_timeout_secs = 1");
+    let mut deaf = agent.connect();
+    write_until_the_agent_stops_reading(&mut deaf, &metric("deaf", "m", 1.0));
+    std::thread::sleep(Duration::from_secs(3));
+    deaf.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answers = Vec::new();
+    match deaf.stream.read_to_end(&mut answers) {
+        Ok(_) => {}
+        // Closed with lines of ours unread.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the connection is still open ({e}) after {} bytes of answers", answers.len()),
+    }
+    assert!(agent.log().contains("did not read its answers"), "{}", agent.log());
+    assert_eq!(agent.connect().request(&metric("p", "n", 1.0))["ok"], true);
+}
+
+#[test]
+fn partial_lines_count_in_the_memory_bound() {
+    let agent = Agent::start("[ingest]\nmax_line_bytes = 98304\nmax_inflight_bytes = 98304\noverload_timeout_ms = 500");
+    let line = trade_with_meta(75_000);
+    let mut first = agent.connect();
+    first.send_raw(line.as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    // Two partial lines of 75 kB do not fit in 96 KiB: the second waits, then is refused.
+    let mut second = agent.connect();
+    second.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    second.send_raw(line.as_bytes());
+    assert_error(&second.answer().expect("an answer"), "overloaded", "retry later");
+    assert!(second.answer().is_none(), "the connection stays open after a partial line was refused");
+    // The first line, completed, is taken.
+    first.send_raw(b"\n");
+    assert_eq!(first.answer().unwrap()["ok"], true);
+    assert_eq!(agent.connect().request(&line)["ok"], true);
+}
+
+#[test]
+fn a_line_too_long_sent_in_full_is_answered_without_a_broken_pipe() {
+    let agent = Agent::start("[ingest]\nmax_line_bytes = 2048");
+    let mut client = agent.connect();
+    assert_eq!(client.request(&metric("p", "before", 1.0))["ok"], true);
+    let mut line = vec![b'x'; 4 << 20];
+    line.push(b'\n');
+    let written = client.stream.write_all(&line);
+    assert!(written.is_ok(), "writing the long line failed: {written:?}");
+    assert_error(&client.answer().expect("an answer"), "line_too_long", "2048 bytes");
+    assert!(client.answer().is_none(), "the connection stays open after line_too_long");
+}

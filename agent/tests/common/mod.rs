@@ -210,10 +210,15 @@ pub struct Client {
 
 impl Client {
     pub fn connect(socket: &Path) -> Client {
-        let stream = UnixStream::connect(socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        Client { stream, reader }
+        Client::try_connect(socket).unwrap()
+    }
+
+    /// [`Client::connect`] that may meet a stopped agent.
+    pub fn try_connect(socket: &Path) -> std::io::Result<Client> {
+        let stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Client { stream, reader })
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
