@@ -817,12 +817,12 @@ mod tests {
         let appender = wal.appender();
         let pending: Vec<_> = (0..200).map(|_| appender.blocking_append(vec![b'x'; 100_000]).unwrap()).collect();
         let seqs: Vec<u64> = pending.into_iter().map(|p| p.blocking_durable().unwrap()).collect();
-        let folded = fold_step(&wal, &table, "a", 0).unwrap().unwrap();
+        let folded = fold_step(&wal, &table, &Identity::new("a".into(), Vec::new()), 0).unwrap().unwrap();
         let count = seqs.iter().filter(|&&seq| seq <= folded.last_seq).count();
         assert!(count * 100_000 <= FOLD_BATCH_BYTES, "{count} records of 100 kB folded in one step");
         // The next steps take the rest.
         let mut after = folded.last_seq;
-        while let Some(folded) = fold_step(&wal, &table, "a", after).unwrap() {
+        while let Some(folded) = fold_step(&wal, &table, &Identity::new("a".into(), Vec::new()), after).unwrap() {
             after = folded.last_seq;
         }
         assert_eq!(Some(&after), seqs.last());

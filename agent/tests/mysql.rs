@@ -639,7 +639,7 @@ fn a_reloaded_write_timeout_shortens_lock_waits_too() {
     ));
     let original = std::fs::read_to_string(&agent.config_path).unwrap();
     let tmp = agent.config_path.with_extension("tmp");
-    std::fs::write(&tmp, original.replace("write_timeout_ms = 60000", "write_timeout_ms = 3000")).unwrap();
+    std::fs::write(&tmp, original.replace("write_timeout_ms = 60000", "write_timeout_ms = 10000")).unwrap();
     std::fs::rename(&tmp, &agent.config_path).unwrap();
     agent.signal(nix::sys::signal::Signal::SIGHUP);
     agent.wait_for_log("mysql.write_timeout_ms", 10);
@@ -660,7 +660,7 @@ fn a_reloaded_write_timeout_shortens_lock_waits_too() {
             agent.connect().request(r#"{"kind":"metric","profile_id":"p","name":"m","value":1,"event_id":"held"}"#);
         assert_eq!(answer["ok"], true, "{answer}");
         // The lock wait ends before the (reloaded) write timeout abandons the transaction.
-        agent.wait_for_log("Lock wait timeout exceeded", 15);
+        agent.wait_for_log("Lock wait timeout exceeded", 30);
         assert!(!agent.log().contains("did not finish within"), "{}", agent.log());
         holder.query_drop("ROLLBACK").await.unwrap();
         drop(holder);
