@@ -406,7 +406,7 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
             .map(|(i, id)| {
                 let line = format!(r#"{{"kind":"metric","profile_id":"p","name":"m","value":{i},"event_id":"{id}"}}"#);
                 let record = Record { seq: first_seq + i as u64, appended_at_ms: 0, payload: Vec::new() };
-                (record, parse_line(line.as_bytes(), 0).unwrap())
+                (record, parse_line(line.as_bytes(), 0, u64::MAX).unwrap())
             })
             .collect()
     };
