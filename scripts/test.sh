@@ -6,9 +6,15 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "test: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
 # shellcheck source=scripts/services.sh
 source scripts/services.sh
-# The packaging tests: systemd-analyze verifies the unit, cargo-deb builds the .deb (each test says SKIPPED
-# when its tool cannot be had).
-command -v systemd-analyze >/dev/null 2>&1 || install_packages systemd || echo "test: no systemd-analyze" >&2
-cargo deb --version >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet || echo "test: no cargo-deb" >&2
+# The packaging tests: systemd-analyze verifies the unit, cargo-deb builds the .deb. On a developer machine
+# a tool that cannot be had makes its test say SKIPPED; under CI=true it is an error (so are the tests' skips).
+need() { # tool, install command...
+    local tool=$1; shift
+    "$@" && return 0
+    if [ "${CI:-}" = true ]; then echo "test: cannot install $tool, which CI needs" >&2; exit 1; fi
+    echo "test: no $tool; its test says SKIPPED" >&2
+}
+command -v systemd-analyze >/dev/null 2>&1 || need systemd-analyze install_packages systemd
+cargo deb --version >/dev/null 2>&1 || need cargo-deb cargo install cargo-deb --locked --quiet
 echo "test: MySQL at ${TELEMETRY_TEST_MYSQL_URL//:*@/:****@}, Redis at $TELEMETRY_TEST_REDIS_URL" >&2
 cargo test --workspace --features telemetry-wal/failpoints "$@"

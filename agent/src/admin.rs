@@ -27,6 +27,7 @@ pub enum Request {
     Dump(DumpFilter),
     DeadLetters { action: DeadLetterAction, sink: Option<String>, seqs: Vec<u64>, reason: Option<String> },
     Replay { sink: String, from: Option<u64>, to: Option<u64> },
+    MirrorForget { profile: String, metric: String },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -145,6 +146,7 @@ pub async fn execute(request: Request, context: Context, out: mpsc::Sender<Outpu
             blocking(&context, move |c| dead_letters(c, action, sink.as_deref(), &seqs, reason.as_deref())).await
         }
         Request::Replay { sink, from, to } => replay(&context, &sink, from, to, &out).await,
+        Request::MirrorForget { profile, metric } => mirror_forget(&context, profile, metric).await,
     };
     let outputs = result.unwrap_or_else(|e| vec![Output::Error { error: format!("{e:#}") }]);
     for output in outputs {
@@ -380,6 +382,49 @@ fn dead_letters(
         }
     }
     Ok(out)
+}
+
+/// How long `mirror forget` waits for Redis to take the removal before it leaves it to the running mirror.
+const FORGET_PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Forgets a metric in the mirror's table and (through the running mirror, or at the next start) in Redis.
+async fn mirror_forget(context: &Context, profile: String, metric: String) -> anyhow::Result<Vec<Output>> {
+    use crate::mirror::{forget_metric, Forgot};
+    if !context.sinks.contains(&crate::mirror::SINK) {
+        bail!("the config has no [redis] section: there is no mirror to forget {profile}/{metric} in");
+    }
+    let forgot = {
+        let (wal, running) = (context.wal.clone(), context.running);
+        let (profile, metric) = (profile.clone(), metric.clone());
+        tokio::task::spawn_blocking(move || {
+            let forgot = forget_metric(&wal, &profile, &metric)?;
+            // Without a running agent nobody flushes this WAL later; the running agent's own flushes cover it.
+            if !running {
+                wal.flush()?;
+            }
+            anyhow::Ok(forgot)
+        })
+        .await
+        .context("the forget task failed")??
+    };
+    let what = match forgot {
+        Forgot::Unknown => bail!("the mirror's table holds no metric {metric:?} of profile {profile:?}"),
+        Forgot::AlreadyForgotten => format!("{profile}/{metric} was forgotten already"),
+        Forgot::Value { value, ts_us } => {
+            format!("forgot {profile}/{metric} (value {value} at {})", crate::event::rfc3339_us(ts_us))
+        }
+    };
+    let redis = match (&context.redis, context.running) {
+        (Some(mirror), true) => {
+            if mirror.push_metric(&profile, &metric, FORGET_PUSH_TIMEOUT).await {
+                "removed from Redis"
+            } else {
+                "Redis has not taken the removal yet (unreachable?); the mirror removes it once Redis answers"
+            }
+        }
+        _ => "Redis drops it when the agent starts (it pushes its whole table then)",
+    };
+    Ok(vec![Output::Done { summary: format!("{what}; {redis}; the next value is taken whatever its ts") }])
 }
 
 async fn replay(

@@ -75,6 +75,25 @@ enum Command {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// The Redis mirror's state (through the running agent, or directly when it does not run).
+    Mirror {
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: MirrorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MirrorCommand {
+    /// Forget a metric's newest value (a `ts` wrong in the future pins it, as the mirror never goes back
+    /// in time): removed from the mirror's table and from Redis, so the next value is taken whatever its ts.
+    Forget {
+        #[arg(long)]
+        profile: String,
+        #[arg(long)]
+        metric: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,6 +169,9 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             WalCommand::Salvage => salvage(config.as_deref()),
         },
+        Command::Mirror { config, command: MirrorCommand::Forget { profile, metric } } => {
+            operate(config.as_deref(), Request::MirrorForget { profile, metric }, false)
+        }
     };
     match result {
         Ok(code) => code,
@@ -335,6 +357,7 @@ async fn serve(
         overload_timeout: Duration::from_millis(ingest.overload_timeout_ms),
         idle_timeout: (ingest.idle_timeout_secs > 0).then(|| Duration::from_secs(ingest.idle_timeout_secs)),
         answer_timeout: Duration::from_secs(ingest.answer_timeout_secs),
+        max_future_secs: ingest.max_future_secs,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = match config.http.enabled {

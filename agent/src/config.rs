@@ -52,6 +52,9 @@ pub struct IngestConfig {
     pub max_inflight_bytes: usize,
     /// A client that reads none of its waiting answers for this long is closed (its slots and memory freed).
     pub answer_timeout_secs: u64,
+    /// A metric's `ts` or a trade's `closed_at` further ahead of the agent's clock is refused
+    /// (`invalid_event`): the Redis mirror never goes back in time, so it would pin the value until then.
+    pub max_future_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +76,7 @@ pub struct WalConfig {
     /// sled's cache.
     pub cache_bytes: u64,
     /// Keep records this long after every sink has taken them, for `wal dump` and `wal replay` (dropped
-    /// earlier when records fill half of max_bytes).
+    /// earlier when records fill 1/8 of max_bytes or the directory 80% of it: `telemetry_wal::PRESSURE_*`).
     pub retain_secs: u64,
 }
 
@@ -209,6 +212,7 @@ impl Default for IngestConfig {
             overload_timeout_ms: 2000,
             max_inflight_bytes: 64 << 20,
             answer_timeout_secs: 30,
+            max_future_secs: 86_400,
         }
     }
 }
@@ -232,6 +236,9 @@ pub const INSTALLED_CONFIG: &str = "/etc/telemetry-agent/agent.toml";
 /// The largest line the protocol takes: an encoded event must fit one WAL record.
 pub const MAX_LINE_BYTES_LIMIT: usize = 96 * 1024;
 const MAX_AGENT_ID_CHARS: usize = 40;
+/// Clocks of scripts on one host differ by less than a minute; a larger limit than 10 years means none.
+const MIN_FUTURE_SECS: u64 = 60;
+const MAX_FUTURE_SECS: u64 = 10 * 366 * 86_400;
 
 impl Config {
     /// Reads and validates `path`; `None` reads the installed config ([`INSTALLED_CONFIG`]) if there is one,
@@ -285,6 +292,12 @@ impl Config {
             bail!(
                 "[ingest] max_inflight_bytes must be at least {MAX_LINE_BYTES_LIMIT}, not {}",
                 ingest.max_inflight_bytes
+            );
+        }
+        if !(MIN_FUTURE_SECS..=MAX_FUTURE_SECS).contains(&ingest.max_future_secs) {
+            bail!(
+                "[ingest] max_future_secs must be between {MIN_FUTURE_SECS} and {MAX_FUTURE_SECS} (10 years), not {}",
+                ingest.max_future_secs
             );
         }
         if self.http.enabled && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -450,6 +463,8 @@ mod tests {
         assert!(format!("{:#}", bad.validate().unwrap_err()).contains("socket_mode"));
         let bad: Config = toml::from_str("[agent]\nid = \"a b\"\n").unwrap();
         assert!(format!("{:#}", bad.validate().unwrap_err()).contains("[agent] id"));
+        let bad: Config = toml::from_str("[ingest]\nmax_future_secs = 0\n").unwrap();
+        assert!(format!("{:#}", bad.validate().unwrap_err()).contains("[ingest] max_future_secs"));
     }
 
     #[test]
@@ -464,6 +479,7 @@ mod tests {
         assert_eq!(example.wal.durability, defaults.wal.durability);
         assert_eq!(example.wal.retain_secs, defaults.wal.retain_secs);
         assert_eq!(example.ingest.max_connections, defaults.ingest.max_connections);
+        assert_eq!(example.ingest.max_future_secs, defaults.ingest.max_future_secs);
     }
 
     #[test]

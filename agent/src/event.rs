@@ -111,8 +111,9 @@ const DECIMAL_FRAC_DIGITS: usize = 8;
 /// DATETIME(6) holds years up to 9999; before 1970 is surely a mistake.
 const MAX_TIME_US: i64 = 253_402_300_799_999_999;
 
-/// Parses one protocol line (without its newline). `received_us` fills defaulted timestamps.
-pub fn parse_line(line: &[u8], received_us: i64) -> Result<Event, Rejection> {
+/// Parses one protocol line (without its newline). `received_us` fills defaulted timestamps and is the
+/// clock that `ts` and `closed_at` may run ahead of by at most `max_future_secs` (`[ingest] max_future_secs`).
+pub fn parse_line(line: &[u8], received_us: i64, max_future_secs: u64) -> Result<Event, Rejection> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.iter().all(u8::is_ascii_whitespace) {
         return Err(Rejection { code: "invalid_json", error: "empty line; expected one JSON object".into() });
@@ -129,13 +130,13 @@ pub fn parse_line(line: &[u8], received_us: i64) -> Result<Event, Rejection> {
     })?;
     let kind: String = required(wire.kind, "kind")?;
     match kind.as_str() {
-        "metric" => parse_metric(wire, received_us).map(Event::Metric),
-        "trade" => parse_trade(wire, received_us).map(Event::Trade),
+        "metric" => parse_metric(wire, received_us, max_future_secs).map(Event::Metric),
+        "trade" => parse_trade(wire, received_us, max_future_secs).map(Event::Trade),
         other => Err(Rejection::event(format!("`kind` must be \"metric\" or \"trade\", not {other:?}"))),
     }
 }
 
-fn parse_metric(wire: Wire, received_us: i64) -> Result<Metric, Rejection> {
+fn parse_metric(wire: Wire, received_us: i64, max_future_secs: u64) -> Result<Metric, Rejection> {
     let foreign = [
         ("symbol", wire.symbol.is_some()),
         ("side", wire.side.is_some()),
@@ -163,14 +164,14 @@ fn parse_metric(wire: Wire, received_us: i64) -> Result<Metric, Rejection> {
         profile_id: profile_id(wire.profile_id)?,
         name,
         value,
-        ts_us: optional_time(wire.ts, "ts")?.unwrap_or(received_us),
+        ts_us: not_future(optional_time(wire.ts, "ts")?, "ts", received_us, max_future_secs)?.unwrap_or(received_us),
         tags: optional_object(wire.tags, "tags")?,
         event_id: event_id(wire.event_id)?,
         received_us,
     })
 }
 
-fn parse_trade(wire: Wire, received_us: i64) -> Result<Trade, Rejection> {
+fn parse_trade(wire: Wire, received_us: i64, max_future_secs: u64) -> Result<Trade, Rejection> {
     let foreign = [
         ("name", wire.name.is_some()),
         ("value", wire.value.is_some()),
@@ -200,7 +201,13 @@ fn parse_trade(wire: Wire, received_us: i64) -> Result<Trade, Rejection> {
         pnl: decimal(wire.pnl, "pnl")?,
         fees: decimal(wire.fees, "fees")?,
         opened_at_us: optional_time(wire.opened_at, "opened_at")?,
-        closed_at_us: optional_time(wire.closed_at, "closed_at")?.unwrap_or(received_us),
+        closed_at_us: not_future(
+            optional_time(wire.closed_at, "closed_at")?,
+            "closed_at",
+            received_us,
+            max_future_secs,
+        )?
+        .unwrap_or(received_us),
         meta: optional_object(wire.meta, "meta")?,
         event_id: event_id(wire.event_id)?,
         received_us,
@@ -322,6 +329,20 @@ fn optional_time(raw: Option<&RawValue>, field: &str) -> Result<Option<i64>, Rej
         return Err(Rejection::event(format!("`{field}` is outside 1970-01-01 to 9999-12-31: {}", abbreviate(text))));
     }
     Ok(Some(us))
+}
+
+/// Refuses a time more than `max_future_secs` after `received_us`: the Redis mirror never moves back in time,
+/// so such a `ts` (or a trade's `closed_at`) would hide every correct value that follows it until that time.
+fn not_future(us: Option<i64>, field: &str, received_us: i64, max_future_secs: u64) -> Result<Option<i64>, Rejection> {
+    let ahead_us = i64::try_from(max_future_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
+    match us {
+        Some(us) if us > received_us.saturating_add(ahead_us) => Err(Rejection::event(format!(
+            "`{field}` {} is more than {max_future_secs} s ([ingest] max_future_secs) ahead of the agent's clock ({})",
+            rfc3339_us(us),
+            rfc3339_us(received_us)
+        ))),
+        _ => Ok(us),
+    }
 }
 
 /// A JSON number or a decimal string that fits DECIMAL(24,8), kept digit for digit.
@@ -527,7 +548,7 @@ mod tests {
     use super::*;
 
     fn reject(line: &str) -> Rejection {
-        parse_line(line.as_bytes(), 0).unwrap_err()
+        parse_line(line.as_bytes(), 0, u64::MAX).unwrap_err()
     }
 
     #[test]
@@ -535,7 +556,7 @@ mod tests {
         let line = r#"{"kind":"metric","profile_id":"p-001","name":"equity","value":10234.5,
             "ts":"2026-11-27T10:00:00.123456Z","tags":{"script":"risk"},"event_id":"e-1"}"#
             .replace('\n', "");
-        let event = parse_line(line.as_bytes(), 5).unwrap();
+        let event = parse_line(line.as_bytes(), 5, u64::MAX).unwrap();
         let Event::Metric(m) = &event else { panic!("not a metric") };
         assert_eq!(m.ts_us, 1_795_773_600_123_456);
         assert_eq!(m.tags.as_deref(), Some(r#"{"script":"risk"}"#));
@@ -548,12 +569,12 @@ mod tests {
             "price":43000.1,"fees":"0.01","opened_at":1795860000000,"closed_at":"2026-11-28T10:00:00.000001Z",
             "meta":{"why":["tp"]}}"#
             .replace('\n', "");
-        let Event::Trade(trade) = parse_line(line.as_bytes(), 0).unwrap() else { panic!("not a trade") };
+        let Event::Trade(trade) = parse_line(line.as_bytes(), 0, u64::MAX).unwrap() else { panic!("not a trade") };
         let json = trade.to_json(Some("e-9"));
         assert!(json.contains(r#""closed_at":"2026-11-28T10:00:00.000001Z""#), "{json}");
         assert!(json.contains(r#""opened_at":"2026-11-28T10:00:00.000000Z""#), "{json}");
         assert!(json.contains(r#""meta":{"why":["tp"]}"#) && !json.contains("pnl"), "{json}");
-        let Event::Trade(back) = parse_line(json.as_bytes(), 0).unwrap() else { panic!("not a trade") };
+        let Event::Trade(back) = parse_line(json.as_bytes(), 0, u64::MAX).unwrap() else { panic!("not a trade") };
         assert_eq!(back, Trade { event_id: Some("e-9".into()), ..trade });
     }
 
@@ -561,10 +582,10 @@ mod tests {
     fn a_metric_renders_in_the_protocol_shape_and_parses_back() {
         let line =
             r#"{"kind":"metric","profile_id":"p","name":"equity","value":-0.125,"ts":1795860000123,"tags":{"a":1}}"#;
-        let event = parse_line(line.as_bytes(), 0).unwrap();
+        let event = parse_line(line.as_bytes(), 0, u64::MAX).unwrap();
         let json = event.to_json(Some("x-1"));
         assert!(json.contains(r#""ts":"2026-11-28T10:00:00.123000Z""#), "{json}");
-        let Event::Metric(back) = parse_line(json.as_bytes(), 7).unwrap() else { panic!("not a metric") };
+        let Event::Metric(back) = parse_line(json.as_bytes(), 7, u64::MAX).unwrap() else { panic!("not a metric") };
         let Event::Metric(m) = event else { panic!("not a metric") };
         assert_eq!(back, Metric { event_id: Some("x-1".into()), received_us: 7, ..m });
     }
@@ -575,8 +596,8 @@ mod tests {
         // the shortest rendering of what it parsed to parse to different doubles.
         let digits = format!("{}10234.05", "9".repeat(120));
         let line = format!(r#"{{"kind":"metric","profile_id":"p","name":"n","value":{digits}}}"#);
-        let event = parse_line(line.as_bytes(), 0).unwrap();
-        let again = parse_line(event.to_json(None).as_bytes(), 0).unwrap();
+        let event = parse_line(line.as_bytes(), 0, u64::MAX).unwrap();
+        let again = parse_line(event.to_json(None).as_bytes(), 0, u64::MAX).unwrap();
         assert_eq!(again, event);
     }
 
@@ -586,9 +607,27 @@ mod tests {
         let deep = |n: usize| format!("{}1{}", r#"{"a":"#.repeat(n), "}".repeat(n));
         let line =
             |n: usize| format!(r#"{{"kind":"metric","profile_id":"p","name":"n","value":1,"tags":{}}}"#, deep(n));
-        assert!(parse_line(line(MAX_JSON_DEPTH).as_bytes(), 0).is_ok());
-        let r = parse_line(line(MAX_JSON_DEPTH + 1).as_bytes(), 0).unwrap_err();
+        assert!(parse_line(line(MAX_JSON_DEPTH).as_bytes(), 0, u64::MAX).is_ok());
+        let r = parse_line(line(MAX_JSON_DEPTH + 1).as_bytes(), 0, u64::MAX).unwrap_err();
         assert!(r.error.contains("`tags` is nested deeper"), "{}", r.error);
+    }
+
+    #[test]
+    fn a_time_beyond_the_future_limit_is_refused_and_the_limit_itself_is_taken() {
+        let now = 1_795_000_000_000_000;
+        let metric = |ts_ms: i64| format!(r#"{{"kind":"metric","profile_id":"p","name":"n","value":1,"ts":{ts_ms}}}"#);
+        let at_limit = now / 1000 + 86_400_000;
+        assert!(parse_line(metric(at_limit).as_bytes(), now, 86_400).is_ok());
+        let r = parse_line(metric(at_limit + 1).as_bytes(), now, 86_400).unwrap_err();
+        assert_eq!(r.code, "invalid_event");
+        assert!(r.error.contains("`ts`") && r.error.contains("86400 s ([ingest] max_future_secs)"), "{}", r.error);
+        let trade = format!(
+            r#"{{"kind":"trade","profile_id":"p","symbol":"X","side":"buy","quantity":1,"price":1,"closed_at":{}}}"#,
+            at_limit + 1
+        );
+        assert!(parse_line(trade.as_bytes(), now, 86_400).unwrap_err().error.contains("`closed_at`"));
+        // Year 9999 with no limit to speak of: the arithmetic saturates.
+        assert!(parse_line(metric(253_402_300_799_999).as_bytes(), now, u64::MAX).is_ok());
     }
 
     #[test]
@@ -596,7 +635,7 @@ mod tests {
         let line = r#"{"kind":"trade","profile_id":"p","symbol":"BTCUSDT","side":"buy","quantity":0.10000001,
             "price":"43000.10","pnl":-12.5,"fees":"0.00000001","closed_at":1795860000123}"#
             .replace('\n', "");
-        let Event::Trade(t) = parse_line(line.as_bytes(), 0).unwrap() else { panic!("not a trade") };
+        let Event::Trade(t) = parse_line(line.as_bytes(), 0, u64::MAX).unwrap() else { panic!("not a trade") };
         assert_eq!((t.quantity.as_str(), t.price.as_str()), ("0.10000001", "43000.10"));
         assert_eq!((t.pnl.as_deref(), t.fees.as_deref()), (Some("-12.5"), Some("0.00000001")));
         assert_eq!(t.closed_at_us, 1_795_860_000_123_000);

@@ -43,6 +43,8 @@ pub struct IngestContext {
     pub idle_timeout: Option<Duration>,
     /// A connection whose answers wait this long without the client reading any is closed.
     pub answer_timeout: Duration,
+    /// `[ingest] max_future_secs`
+    pub max_future_secs: u64,
 }
 
 /// How long, after SIGTERM, answers may take to reach clients that do not read them.
@@ -442,7 +444,7 @@ impl Handler {
     }
 
     async fn handle_line(&self, line: Bytes) -> Reply {
-        let event = match parse_line(&line, now_us()) {
+        let event = match parse_line(&line, now_us(), self.context.max_future_secs) {
             Ok(event) => event,
             Err(Rejection { code, error }) => {
                 tracing::warn!(code, error = %error, "rejected a line");

@@ -43,7 +43,8 @@ const IDLE_PING: Duration = Duration::from_secs(5);
 /// Writes one profile's newest metrics and trade, each only if it is newer than what Redis holds.
 /// KEYS: metrics hash, metrics_ts hash, profiles set, last_trade string, order hash.
 /// ARGV: updates channel ('' for none), profile id, metric count n, n x (name, value, ts in epoch ms,
-/// order), then optionally the trade's JSON, its order and its `closed_at` (RFC 3339).
+/// order), then optionally the trade's JSON, its order and its `closed_at` (RFC 3339). An empty value
+/// removes the metric (`mirror forget`) if what the mirror wrote for it is at most that order.
 /// An order is the event's timestamp in µs and its WAL seq as 38 fixed-width digits: the order hash keeps
 /// the order of what the mirror wrote, so that events in the same millisecond compare exactly; equal orders
 /// (the same event again) change nothing. Values written by someone else have no order: they are compared
@@ -56,18 +57,29 @@ for i = 0, n - 1 do
   local name, value, ts, ord = ARGV[4 + 4 * i], ARGV[5 + 4 * i], ARGV[6 + 4 * i], ARGV[7 + 4 * i]
   local stored = tonumber(redis.call('HGET', KEYS[2], name))
   local t = tonumber(ts)
-  local newer = not stored or t > stored
-  if stored and t == stored then
+  if value == '' then
+    -- Only what the mirror wrote up to the forgotten value goes; a newer value stays.
     local stored_ord = redis.call('HGET', KEYS[5], 'm:' .. name)
-    newer = not stored_ord or ord > stored_ord
-  end
-  if newer then
-    local old = redis.call('HGET', KEYS[1], name)
-    redis.call('HSET', KEYS[1], name, value)
-    redis.call('HSET', KEYS[2], name, ts)
-    redis.call('HSET', KEYS[5], 'm:' .. name, ord)
-    if old ~= value or stored ~= t then
+    if stored_ord and stored_ord <= ord then
+      redis.call('HDEL', KEYS[1], name)
+      redis.call('HDEL', KEYS[2], name)
+      redis.call('HDEL', KEYS[5], 'm:' .. name)
       changed[#changed + 1] = cjson.encode(name)
+    end
+  else
+    local newer = not stored or t > stored
+    if stored and t == stored then
+      local stored_ord = redis.call('HGET', KEYS[5], 'm:' .. name)
+      newer = not stored_ord or ord > stored_ord
+    end
+    if newer then
+      local old = redis.call('HGET', KEYS[1], name)
+      redis.call('HSET', KEYS[1], name, value)
+      redis.call('HSET', KEYS[2], name, ts)
+      redis.call('HSET', KEYS[5], 'm:' .. name, ord)
+      if old ~= value or stored ~= t then
+        changed[#changed + 1] = cjson.encode(name)
+      end
     end
   end
 end
@@ -116,8 +128,27 @@ fn trade_key(profile: &str) -> Vec<u8> {
 /// The newest event of one key, as kept in the table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum Latest {
-    Metric { name: String, profile_id: String, value: f64, ts_us: i64, seq: u64 },
-    Trade { trade: Trade, event_id: String, seq: u64 },
+    Metric {
+        name: String,
+        profile_id: String,
+        value: f64,
+        ts_us: i64,
+        seq: u64,
+    },
+    Trade {
+        trade: Trade,
+        event_id: String,
+        seq: u64,
+    },
+    /// `mirror forget`: the metric whose newest value had this ts and seq is forgotten, so that the next
+    /// value is taken whatever its ts; Redis drops the forgotten value (or anything older the mirror wrote).
+    /// (Added last: entries written before keep their encoding.)
+    Forgotten {
+        name: String,
+        profile_id: String,
+        ts_us: i64,
+        seq: u64,
+    },
 }
 
 const LATEST_FORMAT_V1: u8 = 1;
@@ -147,12 +178,14 @@ impl Latest {
         match self {
             Latest::Metric { ts_us, seq, .. } => (*ts_us, *seq),
             Latest::Trade { trade, seq, .. } => (trade.closed_at_us, *seq),
+            // Older than any value.
+            Latest::Forgotten { .. } => (i64::MIN, 0),
         }
     }
 
     fn profile_id(&self) -> &str {
         match self {
-            Latest::Metric { profile_id, .. } => profile_id,
+            Latest::Metric { profile_id, .. } | Latest::Forgotten { profile_id, .. } => profile_id,
             Latest::Trade { trade, .. } => &trade.profile_id,
         }
     }
@@ -270,11 +303,13 @@ enum Step {
     Idle,
 }
 
-/// Asks a running mirror to push its whole table again (Redis keeps whichever value is newer).
+/// Asks a running mirror to push its whole table again (Redis keeps whichever value is newer), or to push
+/// one key now (`mirror forget`).
 #[derive(Clone)]
 pub struct Resync {
     asked: Arc<std::sync::atomic::AtomicBool>,
     wake: Arc<Notify>,
+    dirty: Arc<Mutex<Dirty>>,
 }
 
 impl Resync {
@@ -282,6 +317,61 @@ impl Resync {
         self.asked.store(true, std::sync::atomic::Ordering::Relaxed);
         self.wake.notify_one();
     }
+
+    /// Pushes the table entry of (profile, metric) to Redis; true once Redis took it, false if it did not
+    /// within `timeout` (the push goes on: the key stays dirty until Redis takes it).
+    pub async fn push_metric(&self, profile: &str, name: &str, timeout: Duration) -> bool {
+        let key = metric_key(profile, name);
+        let pending = |dirty: &Dirty| dirty.keys.contains_key(&key) || dirty.parked.contains(&key);
+        self.dirty.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).mark([key.clone()]);
+        self.wake.notify_one();
+        let deadline = Instant::now() + timeout;
+        while pending(&self.dirty.lock().unwrap_or_else(|poisoned| poisoned.into_inner())) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// What `mirror forget` found in the mirror's table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Forgot {
+    /// The newest value, now forgotten.
+    Value {
+        value: f64,
+        ts_us: i64,
+    },
+    AlreadyForgotten,
+    /// The mirror never saw this metric.
+    Unknown,
+}
+
+/// Replaces the table entry of (profile, metric) with a tombstone, so that the fold takes the next value
+/// whatever its ts and the sync removes the forgotten value from Redis. (The WAL's table API has no
+/// removal; the tombstone also keeps the forget for a Redis that is away now.) Written with the WAL's next
+/// flush.
+pub fn forget_metric(wal: &Wal, profile: &str, name: &str) -> anyhow::Result<Forgot> {
+    let table = wal.table(TABLE).context("cannot open the mirror's table in the WAL")?;
+    let key = metric_key(profile, name);
+    let Some(bytes) = table.get(&key)? else { return Ok(Forgot::Unknown) };
+    let (value, ts_us, seq) = match Latest::decode(&bytes) {
+        Ok(Latest::Metric { value, ts_us, seq, .. }) => (value, ts_us, seq),
+        Ok(Latest::Forgotten { .. }) => return Ok(Forgot::AlreadyForgotten),
+        Ok(Latest::Trade { .. }) => return Ok(Forgot::Unknown),
+        // A damaged entry: forget it, with an order that removes nothing the mirror wrote later.
+        Err(e) => {
+            tracing::warn!(profile_id = profile, metric = name, error = %e, "forgetting a damaged entry of the mirror's table");
+            (f64::NAN, i64::MIN, 0)
+        }
+    };
+    let tombstone =
+        Latest::Forgotten { name: name.to_string(), profile_id: profile.to_string(), ts_us: ts_us.max(0), seq };
+    table.insert_all([(key, tombstone.encode())])?;
+    tracing::warn!(profile_id = profile, metric = name, value, ts_us, "metric forgotten by the mirror");
+    Ok(Forgot::Value { value, ts_us })
 }
 
 pub struct Mirror {
@@ -292,7 +382,7 @@ pub struct Mirror {
     /// Live: a config reload changes `publish_updates` and `retry_max_ms`.
     config: watch::Receiver<RedisConfig>,
     script: Script,
-    dirty: Mutex<Dirty>,
+    dirty: Arc<Mutex<Dirty>>,
     changed: Arc<Notify>,
     /// `wal replay --sink redis`: push the whole table again.
     resync: Arc<std::sync::atomic::AtomicBool>,
@@ -329,7 +419,7 @@ impl Mirror {
             client,
             config,
             script: Script::new(UPDATE_SCRIPT),
-            dirty: Mutex::new(Dirty::default()),
+            dirty: Arc::default(),
             changed: Arc::new(Notify::new()),
             resync: Arc::default(),
             shutdown,
@@ -352,7 +442,7 @@ impl Mirror {
 
     /// A way to ask the running mirror to push every newest value again.
     pub fn resync_handle(&self) -> Resync {
-        Resync { asked: self.resync.clone(), wake: self.changed.clone() }
+        Resync { asked: self.resync.clone(), wake: self.changed.clone(), dirty: self.dirty.clone() }
     }
 
     fn config(&self) -> RedisConfig {
@@ -596,8 +686,9 @@ impl Mirror {
                 .arg(profile)
                 .arg(update.metrics.len());
             for metric in &update.metrics {
+                // An empty value removes the metric (see the script).
                 call.arg(&metric.name)
-                    .arg(metric.value.to_string())
+                    .arg(metric.value.map(|v| v.to_string()).unwrap_or_default())
                     .arg(metric.ts_us.div_euclid(1000))
                     .arg(&metric.order);
             }
@@ -657,7 +748,8 @@ struct ProfileUpdate {
 
 struct MetricUpdate {
     name: String,
-    value: f64,
+    /// `None`: forgotten.
+    value: Option<f64>,
     ts_us: i64,
     order: String,
 }
@@ -691,7 +783,11 @@ fn read_profiles(table: &Table, keys: Vec<Vec<u8>>) -> Result<Vec<ProfileUpdate>
         match latest {
             Latest::Metric { name, value, ts_us, seq, .. } => {
                 update.bytes += name.len() + 90;
-                update.metrics.push(MetricUpdate { name, value, ts_us, order: order(ts_us, seq) });
+                update.metrics.push(MetricUpdate { name, value: Some(value), ts_us, order: order(ts_us, seq) });
+            }
+            Latest::Forgotten { name, ts_us, seq, .. } => {
+                update.bytes += name.len() + 90;
+                update.metrics.push(MetricUpdate { name, value: None, ts_us, order: order(ts_us, seq) });
             }
             Latest::Trade { trade, event_id, seq } => {
                 let json = trade.to_json(Some(&event_id));

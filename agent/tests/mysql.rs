@@ -377,7 +377,7 @@ fn create_wal(dir: &std::path::Path, first_seq: u64, records: usize) {
     let appender = wal.appender();
     for i in 0..records {
         let line = format!(r#"{{"kind":"metric","profile_id":"old","name":"m","value":{i}}}"#);
-        let event = telemetry_agent::event::parse_line(line.as_bytes(), 1_795_773_600_000_000).unwrap();
+        let event = telemetry_agent::event::parse_line(line.as_bytes(), 1_795_773_600_000_000, u64::MAX).unwrap();
         appender.blocking_append(event.encode()).unwrap().blocking_durable().unwrap();
     }
     wal.close().unwrap();
@@ -563,7 +563,7 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
             .map(|(i, id)| {
                 let line = format!(r#"{{"kind":"metric","profile_id":"p","name":"m","value":{i},"event_id":"{id}"}}"#);
                 let record = Record { seq: first_seq + i as u64, appended_at_ms: 0, payload: Vec::new() };
-                (record, parse_line(line.as_bytes(), 0).unwrap())
+                (record, parse_line(line.as_bytes(), 0, u64::MAX).unwrap())
             })
             .collect()
     };

@@ -10,8 +10,7 @@ use common::Agent;
 #[test]
 fn the_unit_file_passes_systemd_analyze_verify() {
     if std::process::Command::new("systemd-analyze").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: systemd-analyze is not installed (apt-get install systemd); .ci/run installs it");
-        return;
+        return common::skip("systemd-analyze is not installed (apt-get install systemd); scripts/test.sh installs it");
     }
     // verify checks that ExecStart exists: point it at the binary under test.
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/telemetry-agent.service"))
@@ -65,8 +64,7 @@ fn the_agent_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops
 fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     let has_cargo_deb = std::process::Command::new("cargo").args(["deb", "--version"]).output();
     if !has_cargo_deb.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED: cargo-deb is not installed (cargo install cargo-deb); .ci/run installs it");
-        return;
+        return common::skip("cargo-deb is not installed (cargo install cargo-deb); scripts/test.sh installs it");
     }
     let out = tempfile::tempdir().unwrap();
     let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -119,4 +117,29 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     // The packaged config is the example, and it works as is with the unit's paths.
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml")).unwrap();
     assert!(example.contains("/run/telemetry-agent/agent.sock") && example.contains("/var/lib/telemetry-agent/wal"));
+}
+
+/// Runs one test of this file again in a child, where its tool cannot be found, with or without `CI=true`.
+fn run_without_tools(test: &str, ci: bool) -> std::process::Output {
+    let empty = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child.args([test, "--exact", "--nocapture"]).env("PATH", empty.path()).env_remove("CI");
+    if ci {
+        child.env("CI", "true");
+    }
+    child.output().unwrap()
+}
+
+#[test]
+fn a_test_that_cannot_run_skips_on_a_developer_machine_and_fails_under_ci() {
+    for test in [
+        "the_unit_file_passes_systemd_analyze_verify",
+        "the_debian_package_holds_the_binary_unit_config_and_user_setup",
+    ] {
+        let developer = run_without_tools(test, false);
+        let stderr = String::from_utf8_lossy(&developer.stderr);
+        assert!(developer.status.success() && stderr.contains("SKIPPED"), "{test} without CI: {stderr}");
+        let ci = run_without_tools(test, true);
+        assert!(!ci.status.success(), "{test} passed under CI=true without its tool");
+    }
 }

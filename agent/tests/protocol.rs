@@ -76,6 +76,31 @@ fn bad_lines_get_specific_errors_change_nothing_and_the_connection_keeps_working
 }
 
 #[test]
+fn a_time_more_than_max_future_secs_ahead_is_refused_and_an_hour_ahead_is_taken() {
+    let agent = Agent::start("");
+    let mut client = agent.connect();
+    let now_ms = telemetry_agent::event::now_us() / 1000;
+    let (hour, two_days) = (now_ms + 3_600_000, now_ms + 2 * 86_400_000);
+    let metric_at = |ts: i64| format!(r#"{{"kind":"metric","profile_id":"p","name":"n","value":1,"ts":{ts}}}"#);
+    assert_eq!(client.request(&metric_at(hour))["ok"], true, "an hour ahead is a clock skew, not an error");
+    let refused = client.request(&metric_at(two_days));
+    assert_error(&refused, "invalid_event", "`ts`");
+    assert_error(&refused, "invalid_event", "86400");
+    // A trade's `closed_at` orders trades in Redis the same way.
+    let trade_at = |closed_at: i64| {
+        format!(
+            r#"{{"kind":"trade","profile_id":"p","symbol":"X","side":"buy","quantity":1,"price":1,"closed_at":{closed_at}}}"#
+        )
+    };
+    assert_eq!(client.request(&trade_at(hour))["ok"], true);
+    assert_error(&client.request(&trade_at(two_days)), "invalid_event", "`closed_at`");
+    // The limit is the operator's.
+    drop(client);
+    let agent = Agent::start("[ingest]\nmax_future_secs = 259200");
+    assert_eq!(agent.connect().request(&metric_at(two_days))["ok"], true, "3 days allowed");
+}
+
+#[test]
 fn a_line_too_long_is_answered_then_the_connection_closes() {
     let agent = Agent::start("[ingest]\nmax_line_bytes = 2048");
     let mut client = agent.connect();
@@ -86,21 +111,47 @@ fn a_line_too_long_is_answered_then_the_connection_closes() {
     assert_eq!(agent.connect().request(&metric("p", "n", 1.0))["ok"], true);
 }
 
+/// The agent's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/<pid>/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 #[test]
 fn a_huge_line_without_newline_does_not_grow_memory_and_gets_line_too_long() {
     let agent = Agent::start("");
-    let mut client = agent.connect();
-    let chunk = vec![b'a'; 1 << 20];
-    // 100 MiB, never a newline: the agent must answer long before we finish.
-    let mut sent = 0usize;
-    while sent < 100 << 20 {
-        if client.stream.write_all(&chunk).is_err() {
-            break;
+    // Warm: the first event allocates what every event needs (WAL writer, buffers).
+    assert_eq!(agent.connect().request(&metric("p", "warm", 1.0))["ok"], true);
+    let (pid, baseline) = (agent.pid(), rss_kib(agent.pid()));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (peak, sent) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak.max(rss_kib(pid))
+        });
+        let mut client = agent.connect();
+        let chunk = vec![b'a'; 1 << 20];
+        // 100 MiB, never a newline: the agent must answer long before we finish.
+        let mut sent = 0usize;
+        while sent < 100 << 20 {
+            if client.stream.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
         }
-        sent += chunk.len();
-    }
-    assert_error(&client.answer().unwrap(), "line_too_long", "65536 bytes");
-    assert!(sent < 100 << 20 || client.answer().is_none());
+        assert_error(&client.answer().unwrap(), "line_too_long", "65536 bytes");
+        assert!(sent < 100 << 20 || client.answer().is_none());
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (sampler.join().unwrap(), sent)
+    });
+    // The agent holds at most max_line_bytes of the line (plus socket buffers), not what was sent.
+    let grown_kib = peak.saturating_sub(baseline);
+    assert!(grown_kib < 8 << 10, "RSS grew by {grown_kib} KiB (from {baseline} KiB) while {sent} bytes were sent");
 }
 
 #[test]

@@ -400,3 +400,60 @@ fn a_profile_whose_keys_redis_refuses_does_not_hold_up_the_others() {
     redis.query::<()>(redis::cmd("DEL").arg(format!("{}:p0:metrics", redis.prefix)));
     expected.wait_for(&redis, 20, &agent);
 }
+
+/// Waits until `{prefix}:{profile}:metrics` holds `want` for `name` (`None`: no value).
+fn wait_for_metric(redis: &TestRedis, profile: &str, name: &str, want: Option<&str>, agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = redis.hash(&format!("{profile}:metrics")).get(name).cloned();
+        if got.as_deref() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{profile} {name} is {got:?} in Redis, not {want:?}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn mirror_forget_clears_a_stuck_metric_so_that_an_earlier_value_lands() {
+    let redis = TestRedis::new();
+    let mut agent = Agent::start(&redis.section(&redis.url));
+    let now_ms = telemetry_agent::event::now_us() / 1000;
+    let at = |name: &str, value: i64, ts: i64| {
+        format!(r#"{{"kind":"metric","profile_id":"p","name":"{name}","value":{value},"ts":{ts}}}"#)
+    };
+    // A script's clock ran an hour ahead: its values pin both metrics until that hour has passed.
+    let mut client = agent.connect();
+    for name in ["live", "stopped"] {
+        assert_eq!(client.request(&at(name, 1, now_ms + 3_600_000))["ok"], true);
+        wait_for_metric(&redis, "p", name, Some("1"), &agent);
+        assert_eq!(client.request(&at(name, 2, now_ms))["ok"], true);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    wait_for_metric(&redis, "p", "live", Some("1"), &agent);
+
+    // Through the running agent: gone from Redis when the command returns; the next value is taken.
+    let forget = agent.command(&["mirror", "forget", "--profile", "p", "--metric", "live"], "");
+    assert!(forget.status.success(), "{}", String::from_utf8_lossy(&forget.stderr));
+    assert_eq!(redis.hash("p:metrics").get("live"), None, "{}", String::from_utf8_lossy(&forget.stderr));
+    assert_eq!(redis.hash("p:metrics_ts").get("live"), None);
+    assert_eq!(client.request(&at("live", 3, now_ms + 1))["ok"], true);
+    wait_for_metric(&redis, "p", "live", Some("3"), &agent);
+    assert_eq!(redis.hash("p:metrics").get("stopped").map(String::as_str), Some("1"), "only the named metric");
+
+    // With the agent stopped: the WAL's table forgets it now, Redis when the agent starts again.
+    drop(client);
+    assert!(agent.stop().success());
+    let forget = agent.command(&["mirror", "forget", "--profile", "p", "--metric", "stopped"], "");
+    assert!(forget.status.success(), "{}", String::from_utf8_lossy(&forget.stderr));
+    agent.restart();
+    wait_for_metric(&redis, "p", "stopped", None, &agent);
+    assert_eq!(agent.connect().request(&at("stopped", 4, now_ms + 2))["ok"], true);
+    wait_for_metric(&redis, "p", "stopped", Some("4"), &agent);
+    assert_eq!(redis.hash("p:metrics").get("live").map(String::as_str), Some("3"));
+
+    // A metric the mirror never saw is an error, not a silent success.
+    let unknown = agent.command(&["mirror", "forget", "--profile", "p", "--metric", "nope"], "");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("nope"), "{}", String::from_utf8_lossy(&unknown.stderr));
+}

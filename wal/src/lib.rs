@@ -58,8 +58,8 @@ pub struct WalOptions {
     /// The first sequence number of a new WAL (ignored when the WAL already exists).
     pub first_seq: u64,
     /// Keep records this long after they were written even once every gating cursor passed them (so that
-    /// they can be replayed), unless space runs short: records filling an eighth of `max_bytes`, or the
-    /// directory 80% of it.
+    /// they can be replayed), unless space runs short: records filling 1/[`PRESSURE_RECORDS_DIVISOR`] of
+    /// `max_bytes`, or the directory [`PRESSURE_DISK_PERCENT`]% of it.
     pub retain: std::time::Duration,
 }
 
@@ -75,6 +75,11 @@ impl Default for WalOptions {
         }
     }
 }
+
+/// Truncation ignores `retain` once records fill 1/this of `max_bytes`...
+pub const PRESSURE_RECORDS_DIVISOR: u64 = 8;
+/// ...or the directory this percentage of it: well before appends would be refused.
+pub const PRESSURE_DISK_PERCENT: u64 = 80;
 
 /// The largest payload one record may carry. Bounded so that a sled leaf (at most 17 values) never
 /// exceeds sled's blob threshold: sled writes blobs to separate files that it never fsyncs.
@@ -405,8 +410,10 @@ impl Wal {
         // Well before appends would be refused (the directory at the cap with records filling a quarter of it):
         // records reaching an eighth of the cap, or the directory 80% of it.
         let shared = &self.inner.shared;
-        let under_pressure = shared.live_bytes.load(Ordering::Relaxed).saturating_mul(8) >= options.max_bytes
-            || shared.disk_bytes.load(Ordering::Relaxed).saturating_mul(10) >= options.max_bytes.saturating_mul(8);
+        let under_pressure = shared.live_bytes.load(Ordering::Relaxed).saturating_mul(PRESSURE_RECORDS_DIVISOR)
+            >= options.max_bytes
+            || shared.disk_bytes.load(Ordering::Relaxed).saturating_mul(100)
+                >= options.max_bytes.saturating_mul(PRESSURE_DISK_PERCENT);
         let retain_ms = u64::try_from(options.retain.as_millis()).unwrap_or(u64::MAX);
         let keep_newer_than_ms = (retain_ms > 0 && !under_pressure).then(|| writer::now_ms().saturating_sub(retain_ms));
         let mut batch = sled::Batch::default();

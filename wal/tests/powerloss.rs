@@ -285,11 +285,36 @@ fn read_all(wal: &Wal) -> BTreeMap<u64, String> {
     }
 }
 
+/// A test that cannot run here says so and passes, on a developer machine; under `CI=true` it fails
+/// instead, so that CI never reports a test as passed that did not run.
+fn skip(reason: &str) {
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true, so this test must run, but: {reason}");
+    eprintln!("SKIPPED: {reason}");
+}
+
+#[test]
+fn skipping_is_allowed_on_a_developer_machine_and_fails_under_ci() {
+    if std::env::var_os("POWERLOSS_SKIP_PROBE").is_some() {
+        return skip("probe");
+    }
+    let probe = |ci: bool| {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child.args(["skipping_is_allowed_on_a_developer_machine_and_fails_under_ci", "--exact", "--nocapture"]);
+        child.env("POWERLOSS_SKIP_PROBE", "1").env_remove("CI");
+        if ci {
+            child.env("CI", "true");
+        }
+        child.output().unwrap()
+    };
+    let developer = probe(false);
+    assert!(developer.status.success() && String::from_utf8_lossy(&developer.stderr).contains("SKIPPED: probe"));
+    assert!(!probe(true).status.success(), "a skip passed under CI=true");
+}
+
 #[test]
 fn power_loss_loses_no_acked_record() {
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
-        eprintln!("SKIPPED: power-loss test: /dev/fuse cannot be opened: {e}");
-        return;
+        return skip(&format!("power-loss test: /dev/fuse cannot be opened: {e}"));
     }
     let rounds: u32 = std::env::var("WAL_POWERLOSS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
     let seed = std::env::var("WAL_POWERLOSS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
@@ -301,8 +326,7 @@ fn power_loss_loses_no_acked_record() {
     let fsync = match run_phase(Durability::Fsync, rounds, &mut rng) {
         Ok(result) => result,
         Err(reason) => {
-            eprintln!("SKIPPED: power-loss test: {reason}");
-            return;
+            return skip(&format!("power-loss test: {reason}"));
         }
     };
     let control = run_phase(Durability::Interval { interval_ms: CONTROL_INTERVAL_MS }, CONTROL_ROUNDS, &mut rng)

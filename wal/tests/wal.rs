@@ -6,7 +6,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use telemetry_wal::{DeadLetter, Durability, Wal, WalError, WalOptions, MAX_RECORD_BYTES};
+use telemetry_wal::{
+    DeadLetter, Durability, Wal, WalError, WalOptions, MAX_RECORD_BYTES, PRESSURE_DISK_PERCENT,
+    PRESSURE_RECORDS_DIVISOR,
+};
 
 fn open(dir: &std::path::Path, options: WalOptions) -> Wal {
     Wal::open(dir, options).expect("open WAL")
@@ -126,7 +129,7 @@ fn retention_keeps_passed_records_for_a_while_unless_space_runs_short() {
     wal.close().unwrap();
     drop(wal);
 
-    // Records filling an eighth of the cap are dropped whatever their age.
+    // Records filling 1/PRESSURE_RECORDS_DIVISOR of the cap are dropped whatever their age.
     let live = {
         let wal = open(dir.path(), options.clone());
         let seqs = append_all(&wal, std::iter::repeat_n(vec![7u8; 100], 1000));
@@ -135,7 +138,7 @@ fn retention_keeps_passed_records_for_a_while_unless_space_runs_short() {
         wal.close().unwrap();
         live
     };
-    let tight = WalOptions { max_bytes: live * 8, retain: Duration::from_secs(3600), ..options };
+    let tight = WalOptions { max_bytes: live * PRESSURE_RECORDS_DIVISOR, retain: Duration::from_secs(3600), ..options };
     let wal = open(dir.path(), tight);
     assert_eq!(wal.truncate().unwrap(), 1000);
 }
@@ -774,4 +777,17 @@ fn salvage_of_a_damaged_last_chunk_never_reuses_its_seqs() {
     let wal = open(dir.path(), options());
     let next = append_all(&wal, [b"after salvage".to_vec()])[0];
     assert!(next > max_acked, "seq {next} handed out again (acknowledged up to {max_acked})");
+}
+
+#[test]
+fn the_readme_states_the_early_truncation_thresholds_of_the_code() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let stated = format!("1/{PRESSURE_RECORDS_DIVISOR} of `max_bytes` or the directory {PRESSURE_DISK_PERCENT}% of it");
+    let mentions: Vec<&str> = readme.lines().filter(|l| l.contains("drops them earlier when records reach")).collect();
+    assert!(
+        !mentions.is_empty() && mentions.iter().all(|l| l.contains(&stated)),
+        "README: {mentions:?}, not {stated:?}"
+    );
+    let table_row = readme.lines().find(|l| l.starts_with("| `[wal] retain_secs`")).unwrap();
+    assert!(table_row.contains(&stated.replace('`', "")), "{table_row}");
 }
