@@ -396,7 +396,8 @@ fn rows_per_profile(db: &TestDb) -> Vec<(String, u64)> {
 fn an_offset_the_wal_later_passes_never_makes_the_agent_skip() {
     let db = TestDb::migrated();
     let mut agent = Agent::configure(&mysql_section(&db.url()));
-    create_wal(&agent.wal_dir, 1, 0);
+    // Seqs from 1 (one record of an older agent), so that the events below pass the offsets.
+    create_wal(&agent.wal_dir, 1, 1);
     // Offsets under this agent id ahead of its WAL: another host's with the same id, in the table agents
     // before runs shared; and a huge one under an earlier run of this very WAL (a newer copy of it).
     db.exec(
@@ -415,8 +416,9 @@ fn an_offset_the_wal_later_passes_never_makes_the_agent_skip() {
     }
     agent.restart();
     // The WAL passes both offsets: every event still arrives, none is skipped.
-    let acked = send_all(&mut agent.connect(), &(0..300).map(metric_line).collect::<Vec<_>>());
-    db.wait_for_rows("dd_metrics", 300, 30);
+    let mut acked = send_all(&mut agent.connect(), &(0..300).map(metric_line).collect::<Vec<_>>());
+    db.wait_for_rows("dd_metrics", 301, 30);
+    acked.push("test-agent-1".into());
     assert_exactly_once(&db, &acked);
 }
 
@@ -424,22 +426,27 @@ fn an_offset_the_wal_later_passes_never_makes_the_agent_skip() {
 fn two_agents_with_one_id_and_their_own_wals_lose_nothing() {
     let db = TestDb::migrated();
     let (mut a, mut b) = (Agent::configure(&mysql_section(&db.url())), Agent::configure(&mysql_section(&db.url())));
-    // The worst case: both WALs hand out the same seqs.
-    create_wal(&a.wal_dir, 1, 0);
-    create_wal(&b.wal_dir, 1, 0);
+    // The worst case: both WALs hand out the same seqs (each holds one record of an older agent, which both
+    // name `test-agent-1`: ids from before runs cannot be told apart, and MySQL keeps one).
+    create_wal(&a.wal_dir, 1, 1);
+    create_wal(&b.wal_dir, 1, 1);
     a.restart();
     b.restart();
     let mut acked = send_all(&mut a.connect(), &idless("a", 50));
     acked.extend(send_all(&mut b.connect(), &idless("b", 50)));
-    db.wait_for_rows("dd_metrics", 100, 30);
+    acked.push("test-agent-1".into());
+    db.wait_for_rows("dd_metrics", 101, 30);
     // The first restarts after its twin has forwarded, and both keep sending.
     a.kill9();
     a.restart();
     acked.extend(send_all(&mut a.connect(), &idless("a2", 50)));
     acked.extend(send_all(&mut b.connect(), &idless("b2", 50)));
-    db.wait_for_rows("dd_metrics", 200, 30);
+    db.wait_for_rows("dd_metrics", 201, 30);
     assert_exactly_once(&db, &acked);
-    let expected: Vec<(String, u64)> = ["a", "a2", "b", "b2"].iter().map(|p| (p.to_string(), 50)).collect();
+    let expected: Vec<(String, u64)> = [("a", 50), ("a2", 50), ("b", 50), ("b2", 50), ("old", 1)]
+        .into_iter()
+        .map(|(p, n)| (p.to_string(), n))
+        .collect();
     assert_eq!(rows_per_profile(&db), expected);
 }
 
