@@ -113,10 +113,32 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
         "units not enabled:\n{postinst}"
     );
     let postrm = read("postrm");
-    assert!(postrm.contains("purge") && postrm.contains("/var/lib/telemetry-agent"), "{postrm}");
+    assert!(purge_block(&postrm).contains("/var/lib/telemetry-agent"), "{postrm}");
+    assert!(purge_block(&postrm).contains("/etc/telemetry-agent"), "{postrm}");
     assert!(read("prerm").contains("telemetry-agent.service"), "the service is not stopped on removal");
 
     // The packaged config is the example, and it works as is with the unit's paths.
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml")).unwrap();
     assert!(example.contains("/run/telemetry-agent/agent.sock") && example.contains("/var/lib/telemetry-agent/wal"));
+}
+
+/// The part of a postrm that runs on purge.
+fn purge_block(postrm: &str) -> &str {
+    let start = postrm.find(r#"if [ "$1" = "purge" ]"#).unwrap_or(postrm.len());
+    let end = postrm[start..].find("\nfi").map_or(postrm.len(), |end| start + end);
+    &postrm[start..end]
+}
+
+#[test]
+fn purge_removes_every_path_the_readme_says_it_removes() {
+    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{workspace}/README.md")).unwrap();
+    let postrm = std::fs::read_to_string(format!("{workspace}/packaging/debian/postrm")).unwrap();
+    let removal = readme.split("**Removal:**").nth(1).and_then(|s| s.split("\n- ").next()).expect("README: Removal");
+    let documented: Vec<&str> =
+        removal.split('`').skip(1).step_by(2).filter(|quoted| quoted.starts_with('/')).collect();
+    assert!(documented.contains(&"/etc/telemetry-agent"), "{removal}");
+    for path in documented {
+        assert!(purge_block(&postrm).contains(path), "README says purge removes {path}; postrm does not:\n{postrm}");
+    }
 }
