@@ -108,6 +108,8 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     assert_eq!(read("conffiles").trim(), "/etc/telemetry-agent/agent.toml");
     let postinst = read("postinst");
     assert!(postinst.contains("adduser --system") && postinst.contains("addgroup --system telemetry"), "{postinst}");
+    // The scripts' group the packaged config gives the socket to (tests/access.rs runs that setup).
+    assert!(postinst.contains("addgroup --system telemetry-clients"), "{postinst}");
     assert!(
         postinst.contains("deb-systemd-helper") || postinst.contains("systemctl"),
         "units not enabled:\n{postinst}"
