@@ -250,7 +250,10 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+                // toml's own message quotes the offending line, which may hold a password.
+                toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("invalid config file {}: {}", path.display(), describe_toml_error(&text, &e))
+                })?
             }
             None => Config::default(),
         };
@@ -438,12 +441,66 @@ pub fn read_secret_file(path: &Path, key: &str) -> anyhow::Result<String> {
     Ok(text.lines().next().unwrap_or_default().to_string())
 }
 
-/// `scheme://user:secret@host` → `scheme://user:****@host`; anything unparsable is hidden whole.
+/// Where a TOML error is and what it is, without the source line toml would quote (it may hold a password):
+/// line, column, `section.key` when the line has one, and the message with quoted values hidden.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    // Serde's messages quote the value they reject (`invalid type: string "..."`).
+    let message: String = error
+        .message()
+        .trim()
+        .split('"')
+        .enumerate()
+        .map(|(i, part)| if i % 2 == 1 { "…" } else { part })
+        .collect::<Vec<_>>()
+        .join("\"");
+    let Some(span) = error.span() else { return message };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let mut section = None;
+    for header in text.lines().take(line) {
+        let header = header.trim();
+        if let Some(name) = header.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            section = Some(name.trim());
+        }
+    }
+    let key = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+    let place = match (section, key) {
+        (Some(section), Some(key)) => format!(" (`{section}.{key}`)"),
+        (None, Some(key)) => format!(" (`{key}`)"),
+        (Some(section), None) => format!(" (in [{section}])"),
+        (None, None) => String::new(),
+    };
+    format!("line {line}, column {column}{place}: {message}")
+}
+
+/// Query parameters that carry a password (redis-rs reads `pass` and `password`).
+fn is_secret_parameter(name: &str) -> bool {
+    name.eq_ignore_ascii_case("pass") || name.eq_ignore_ascii_case("password")
+}
+
+/// `scheme://user:secret@host?password=secret` → `scheme://user:****@host?password=****`; anything
+/// unparsable is hidden whole.
 pub fn mask_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("****"));
+            }
+            if url.query_pairs().any(|(name, _)| is_secret_parameter(&name)) {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(name, value)| {
+                        let value = if is_secret_parameter(&name) { "****".into() } else { value.into_owned() };
+                        (name.into_owned(), value)
+                    })
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(pairs);
             }
             url.to_string()
         }
@@ -523,5 +580,29 @@ mod tests {
         let config: Config = toml::from_str("[mysql]\nurl = \"mysql://u:hunter2@db/t\"\n").unwrap();
         let shown = config.to_masked_toml().unwrap();
         assert!(!shown.contains("hunter2") && shown.contains("****"), "{shown}");
+    }
+
+    #[test]
+    fn passwords_in_query_strings_are_masked() {
+        let shown = mask_url("redis://:hunter2@127.0.0.1:6379/0?password=hunter2&protocol=resp3&pass=hunter3");
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("protocol=resp3") && shown.contains("password=****"), "{shown}");
+        let shown = mask_url("redis://127.0.0.1:6379?PASS=hunter2");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(mask_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+    }
+
+    #[test]
+    fn a_toml_error_names_the_place_without_echoing_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "[agent]\nlog_level = \"info\"\n[mysql]\nurl = mysql://u:hunter2@db/t\n").unwrap();
+        let error = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("line 4") && error.contains("column 7"), "{error}");
+        // A type error names the key, not the value.
+        std::fs::write(&path, "[redis]\nurl = [\"redis://:hunter2@h\"]\n").unwrap();
+        let error = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(!error.contains("hunter2") && error.contains("url") && error.contains("line 2"), "{error}");
     }
 }

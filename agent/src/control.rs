@@ -15,7 +15,9 @@ use crate::admin::{self, Output, Request};
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 /// Operator commands at once; more wait for their turn.
 const MAX_COMMANDS: usize = 8;
-/// A request must arrive, and each answer line must be taken, within this.
+/// A request must arrive within this: the CLI sends it at once, so a silent connection is not an operator.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each answer line must be taken within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn serve(listener: UnixListener, context: admin::Context, mut shutdown: watch::Receiver<bool>) {
@@ -33,29 +35,35 @@ pub async fn serve(listener: UnixListener, context: admin::Context, mut shutdown
             _ = shutdown.changed() => return,
         };
         let (context, slots) = (context.clone(), slots.clone());
-        tokio::spawn(async move {
-            let Ok(_slot) = slots.acquire_owned().await else { return };
-            handle(stream, context).await;
-        });
+        tokio::spawn(handle(stream, context, slots));
     }
 }
 
-async fn handle(stream: UnixStream, context: admin::Context) {
+async fn handle(stream: UnixStream, context: admin::Context, slots: Arc<Semaphore>) {
     let (read, write) = stream.into_split();
     let mut line = String::new();
     let mut out = BufWriter::new(write);
-    let read = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES)).read_line(&mut line).await;
-    let request = match read
-        .map_err(|e| e.to_string())
-        .and_then(|_| serde_json::from_str::<Request>(&line).map_err(|e| format!("not a control request: {e}")))
-    {
+    // The request is read before a command slot is taken: connections that send nothing hold no slot.
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES));
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => Err(format!("no request within {} s", REQUEST_TIMEOUT.as_secs())),
+        Ok(read) => read
+            .map_err(|e| e.to_string())
+            .and_then(|_| serde_json::from_str::<Request>(&line).map_err(|e| format!("not a control request: {e}"))),
+    };
+    let request = match request {
         Ok(request) => request,
         Err(error) => {
-            let _ = write_output(&mut out, &Output::Error { error }).await;
-            let _ = out.flush().await;
+            tracing::debug!(error, "control connection without a valid request");
+            let _ = tokio::time::timeout(IO_TIMEOUT, async {
+                let _ = write_output(&mut out, &Output::Error { error }).await;
+                let _ = out.flush().await;
+            })
+            .await;
             return;
         }
     };
+    let Ok(_slot) = slots.acquire_owned().await else { return };
     tracing::info!(?request, "control request");
     let (tx, mut rx) = mpsc::channel(1024);
     let task = tokio::spawn(admin::execute(request, context, tx));

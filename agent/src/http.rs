@@ -2,18 +2,27 @@
 //! and `/readyz` (events are being accepted: the WAL is neither failed nor full).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use telemetry_wal::Wal;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::METRICS;
+
+/// A connection must send a request's headers within this, else it is closed.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Connections served at once; more wait in the kernel's backlog, holding none of the agent's file
+/// descriptors (which ingest needs).
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest a connection is served, however busy: a client that never reads its answers lets go.
+const MAX_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn bind(address: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(address).await.with_context(|| format!("cannot listen on [http] listen = {address:?}"))
@@ -21,7 +30,16 @@ pub async fn bind(address: &str) -> anyhow::Result<TcpListener> {
 
 /// Serves until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, wal: Wal, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot before accepting: beyond the cap, connections wait in the kernel's backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -39,10 +57,18 @@ pub async fn serve(listener: TcpListener, wal: Wal, mut shutdown: watch::Receive
             async move { Ok::<_, Infallible>(answer(&request, &wal)) }
         });
         tokio::spawn(async move {
-            if let Err(e) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            // Without a timer hyper never times out a client that sends no request.
+            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(MAX_CONNECTION_LIFETIME, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "HTTP connection ended with an error"),
+                Err(_) => tracing::debug!(
+                    secs = MAX_CONNECTION_LIFETIME.as_secs(),
+                    "HTTP connection closed: served for too long"
+                ),
             }
         });
     }

@@ -200,7 +200,7 @@ impl LineReader {
     }
 }
 
-/// Binds the socket: replaces a stale socket file only if nothing answers on it, then sets its mode and group.
+/// Binds the socket: replaces a stale socket file only if nothing answers on it, then sets its group and mode.
 pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -223,8 +223,7 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixL
     let bound = UnixListener::bind(path);
     nix::sys::stat::umask(umask);
     let listener = bound.with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
+    // The group first: widened to 0660 while the old group still owned it, its members could connect.
     if let Some(group) = group {
         let gid = nix::unistd::Group::from_name(group)
             .with_context(|| format!("cannot look up group {group}"))?
@@ -233,6 +232,8 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixL
         nix::unistd::chown(path, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
     }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
     Ok(listener)
 }
 

@@ -106,12 +106,15 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     assert_eq!(read("conffiles").trim(), "/etc/telemetry-agent/agent.toml");
     let postinst = read("postinst");
     assert!(postinst.contains("adduser --system") && postinst.contains("addgroup --system telemetry"), "{postinst}");
+    // The scripts' group the packaged config gives the socket to (tests/access.rs runs that setup).
+    assert!(postinst.contains("addgroup --system telemetry-clients"), "{postinst}");
     assert!(
         postinst.contains("deb-systemd-helper") || postinst.contains("systemctl"),
         "units not enabled:\n{postinst}"
     );
     let postrm = read("postrm");
-    assert!(postrm.contains("purge") && postrm.contains("/var/lib/telemetry-agent"), "{postrm}");
+    assert!(purge_block(&postrm).contains("/var/lib/telemetry-agent"), "{postrm}");
+    assert!(purge_block(&postrm).contains("/etc/telemetry-agent"), "{postrm}");
     assert!(read("prerm").contains("telemetry-agent.service"), "the service is not stopped on removal");
 
     // The packaged config is the example, and it works as is with the unit's paths.
@@ -141,5 +144,26 @@ fn a_test_that_cannot_run_skips_on_a_developer_machine_and_fails_under_ci() {
         assert!(developer.status.success() && stderr.contains("SKIPPED"), "{test} without CI: {stderr}");
         let ci = run_without_tools(test, true);
         assert!(!ci.status.success(), "{test} passed under CI=true without its tool");
+    }
+}
+
+/// The part of a postrm that runs on purge.
+fn purge_block(postrm: &str) -> &str {
+    let start = postrm.find(r#"if [ "$1" = "purge" ]"#).unwrap_or(postrm.len());
+    let end = postrm[start..].find("\nfi").map_or(postrm.len(), |end| start + end);
+    &postrm[start..end]
+}
+
+#[test]
+fn purge_removes_every_path_the_readme_says_it_removes() {
+    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{workspace}/README.md")).unwrap();
+    let postrm = std::fs::read_to_string(format!("{workspace}/packaging/debian/postrm")).unwrap();
+    let removal = readme.split("**Removal:**").nth(1).and_then(|s| s.split("\n- ").next()).expect("README: Removal");
+    let documented: Vec<&str> =
+        removal.split('`').skip(1).step_by(2).filter(|quoted| quoted.starts_with('/')).collect();
+    assert!(documented.contains(&"/etc/telemetry-agent"), "{removal}");
+    for path in documented {
+        assert!(purge_block(&postrm).contains(path), "README says purge removes {path}; postrm does not:\n{postrm}");
     }
 }
