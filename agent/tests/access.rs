@@ -246,6 +246,10 @@ fn a_scripts_user_reaches_the_ingest_socket_and_nothing_else_of_the_service() {
     // The unit's layout: /etc/telemetry-agent, StateDirectory, RuntimeDirectory.
     let base = tempfile::tempdir().unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The build's binary may sit where other users cannot reach it (a checkout under /root): a copy here.
+    let bin = base.path().join("telemetry-agent");
+    std::fs::copy(BIN, &bin).unwrap();
+    let bin = bin.to_str().unwrap();
     let etc = base.path().join("etc");
     let state = base.path().join("state");
     let run = base.path().join("run");
@@ -277,7 +281,7 @@ fn a_scripts_user_reaches_the_ingest_socket_and_nothing_else_of_the_service() {
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let log = base.path().join("agent.log");
-    let mut agent = Command::new(BIN);
+    let mut agent = Command::new(bin);
     agent.args(["run", "--config"]).arg(&config).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::null());
     agent.stderr(std::fs::File::create(&log).unwrap());
     let umask = octal(unit_value(&unit, "UMask").unwrap());
@@ -310,7 +314,7 @@ fn a_scripts_user_reaches_the_ingest_socket_and_nothing_else_of_the_service() {
     let lock = wal.join("wal.lock");
 
     // What a script is for: it sends an event and gets it acked.
-    let sent = as_script(BIN, &[&send, &socket_flag, &socket], &format!("{}\n", metric("p", "m", 1.0)));
+    let sent = as_script(bin, &[&send, &socket_flag, &socket], &format!("{}\n", metric("p", "m", 1.0)));
     assert!(sent.status.success(), "the script's user cannot send: {}", text(&sent));
     // Nothing else: not the config (passwords), the WAL, its lock, or the control socket.
     for (what, program, path) in [
@@ -323,7 +327,7 @@ fn a_scripts_user_reaches_the_ingest_socket_and_nothing_else_of_the_service() {
         assert!(!output.status.success(), "the script's user can {what} ({}): {}", path.display(), text(&output));
     }
     assert!(lock.exists(), "the script's user deleted the WAL's lock");
-    let output = as_script(BIN, &[&send, &socket_flag, &control], "{\"Status\":null}\n");
+    let output = as_script(bin, &[&send, &socket_flag, &control], "{\"Status\":null}\n");
     assert!(!output.status.success(), "the script's user reaches the control socket: {}", text(&output));
     assert!(text(&output).contains("ermission denied"), "{}", text(&output));
     drop(agent);
