@@ -101,8 +101,9 @@ impl Identity {
         if let Some(id) = client {
             return id.to_string();
         }
-        match self.runs.iter().rev().find(|(first, _)| *first <= seq) {
-            Some((_, run)) => format!("{GENERATED_ID_PREFIX}{run}-{seq}"),
+        // One run per start of the agent, so possibly many after a crash loop: a binary search.
+        match self.runs.partition_point(|(first, _)| *first <= seq).checked_sub(1) {
+            Some(i) => format!("{GENERATED_ID_PREFIX}{}-{seq}", self.runs[i].1),
             None => format!("{}-{seq}", self.agent_id),
         }
     }
