@@ -85,17 +85,38 @@ fn idle_control_connections_do_not_take_the_command_slots() {
     assert_eq!(answer["running"], true, "{answer}");
 
     // The idle ones are closed once the request timeout passes.
-    let deadline = Instant::now() + CONTROL_IDLE_CLOSED_WITHIN;
-    for mut stream in idle {
+    assert_all_closed_within(idle, CONTROL_IDLE_CLOSED_WITHIN, "control");
+}
+
+/// Every one of `streams` is closed by the agent (an error answer first is fine) within `within`.
+fn assert_all_closed_within<S: Read + SetReadTimeout>(streams: Vec<S>, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    for mut stream in streams {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(left)).unwrap();
+        stream.set_read_timeout(Some(left));
         let mut buf = [0u8; 4096];
         match stream.read(&mut buf) {
-            // Closed (an error answer first is fine).
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("an idle control connection is still open after {CONTROL_IDLE_CLOSED_WITHIN:?}: {e}"),
+            Err(e) => panic!("an idle {what} connection is still open after {within:?}: {e}"),
         }
+    }
+}
+
+/// Unix and TCP streams alike.
+trait SetReadTimeout {
+    fn set_read_timeout(&self, timeout: Option<Duration>);
+}
+
+impl SetReadTimeout for std::os::unix::net::UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout).unwrap();
+    }
+}
+
+impl SetReadTimeout for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) {
+        std::net::TcpStream::set_read_timeout(self, timeout).unwrap();
     }
 }
 
@@ -127,17 +148,7 @@ fn idle_http_connections_are_capped_and_closed_and_metrics_still_answer() {
     assert_eq!(status, 200, "{body}");
     assert!(started.elapsed() < HEADER_READ_TIMEOUT * 2, "GET /metrics took {:?}", started.elapsed());
 
-    let deadline = Instant::now() + HEADER_READ_TIMEOUT * 3;
-    for mut stream in idle {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(left)).unwrap();
-        let mut buf = [0u8; 4096];
-        match stream.read(&mut buf) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("an idle HTTP connection is still open after {:?}: {e}", HEADER_READ_TIMEOUT * 3),
-        }
-    }
+    assert_all_closed_within(idle, HEADER_READ_TIMEOUT * 3, "HTTP");
     assert_eq!(http_get(addr, "/healthz").0, 200);
 }
 

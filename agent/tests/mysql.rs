@@ -546,6 +546,23 @@ fn a_script_cannot_send_an_id_the_agent_generates() {
     assert_eq!(value, vec![0.0], "the script's event took the generated id's row");
 }
 
+/// A connection inside a transaction that inserted (and so locks) a metric row with `event_id`; ROLLBACK
+/// on it releases the lock.
+async fn hold_row(pool: &mysql_async::Pool, event_id: &str) -> mysql_async::Conn {
+    use mysql_async::prelude::Queryable;
+    let mut holder = pool.get_conn().await.unwrap();
+    holder.query_drop("START TRANSACTION").await.unwrap();
+    holder
+        .exec_drop(
+            "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, received_at) \
+             VALUES (?, 'other', 0, 'p', 'm', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
+            (event_id,),
+        )
+        .await
+        .unwrap();
+    holder
+}
+
 /// The lost events of the chaos runs, made deterministic. Batch B reserves its AUTO_INCREMENT ids, then waits
 /// on a lock (an abandoned transaction holding B's first event); batch C, which holds a resent event that is
 /// also in B, commits meanwhile with later ids; then the lock goes. With `ON DUPLICATE KEY UPDATE id = id`
@@ -580,16 +597,7 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
 
     runtime.block_on(async {
         // The abandoned transaction: holds the lock on B's first event.
-        let mut holder = pool.get_conn().await.unwrap();
-        holder.query_drop("START TRANSACTION").await.unwrap();
-        holder
-            .exec_drop(
-                "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, received_at) \
-                 VALUES ('a-held', 'gone', 0, 'p', 'm', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
-                (),
-            )
-            .await
-            .unwrap();
+        let mut holder = hold_row(&pool, "a-held").await;
         let b_write = tokio::spawn({
             let pool = pool.clone();
             async move { telemetry_agent::forward::write_rows(&pool, &identity(), &b, LOCK_WAIT, || 10).await }
@@ -654,15 +662,7 @@ fn a_reloaded_write_timeout_shortens_lock_waits_too() {
     runtime.block_on(async {
         let pool = mysql_async::Pool::new(db.url().as_str());
         // Another transaction holds the row the agent's event needs.
-        let mut holder = pool.get_conn().await.unwrap();
-        holder.query_drop("START TRANSACTION").await.unwrap();
-        holder
-            .query_drop(
-                "INSERT INTO dd_metrics (event_id, agent_id, wal_seq, profile_id, name, value, ts, received_at) \
-                 VALUES ('held', 'other', 0, 'p', 'm', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))",
-            )
-            .await
-            .unwrap();
+        let mut holder = hold_row(&pool, "held").await;
         let answer =
             agent.connect().request(r#"{"kind":"metric","profile_id":"p","name":"m","value":1,"event_id":"held"}"#);
         assert_eq!(answer["ok"], true, "{answer}");
