@@ -50,7 +50,7 @@ pub enum DeadLetterAction {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Output {
-    Status(Status),
+    Status(Box<Status>),
     WalStats(WalReport),
     /// A dumped event, as a protocol line.
     Event {
@@ -109,6 +109,9 @@ pub struct Status {
     pub wal: WalReport,
     /// Why events are not accepted right now, if they are not.
     pub not_ready: Option<String>,
+    /// With a `[spool]` section, while the agent runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool: Option<crate::spool::SpoolStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,6 +133,8 @@ pub struct Context {
     pub mysql: Option<mysql_async::Pool>,
     /// The running agent's Redis mirror.
     pub redis: Option<crate::mirror::Resync>,
+    /// The `[spool]` directory, if the config has one.
+    pub spool: Option<std::path::PathBuf>,
     /// Set inside the running agent.
     pub running: bool,
 }
@@ -137,7 +142,7 @@ pub struct Context {
 /// Executes `request`, sending its answer to `out`. Errors become a final `Output::Error`.
 pub async fn execute(request: Request, context: Context, out: mpsc::Sender<Output>) {
     let result = match request {
-        Request::Status => status(&context).await.map(|s| vec![Output::Status(s)]),
+        Request::Status => status(&context).await.map(|s| vec![Output::Status(Box::new(s))]),
         Request::WalStats => {
             blocking(&context, |c| wal_report(&c.wal, &c.sinks).map(|r| vec![Output::WalStats(r)])).await
         }
@@ -238,6 +243,7 @@ async fn status(context: &Context) -> anyhow::Result<Status> {
         errors,
         sinks: if running { METRICS.sinks() } else { Vec::new() },
         not_ready: if running { crate::http::not_ready(&context.wal) } else { None },
+        spool: context.spool.as_deref().filter(|_| running).map(crate::spool::SpoolStatus::current),
         wal,
     })
 }
@@ -324,6 +330,10 @@ fn dead_letters(
         DeadLetterAction::List => {
             for letter in &chosen {
                 let event = match Event::decode(&letter.payload) {
+                    // A spool line that was never an event: shown as it was written.
+                    _ if letter.sink == crate::spool::DEAD_LETTER_SINK => {
+                        String::from_utf8_lossy(&letter.payload).into_owned()
+                    }
                     Ok(event) => event.to_json(Some(&context.identity.event_id(event.client_event_id(), letter.seq))),
                     Err(e) => format!("(cannot show: {e})"),
                 };
@@ -363,6 +373,13 @@ fn dead_letters(
             for (done, letter) in chosen.iter().enumerate() {
                 let already =
                     |e: String| anyhow::anyhow!("{e} ({done} of {} were queued again before this)", chosen.len());
+                if letter.sink == crate::spool::DEAD_LETTER_SINK {
+                    return Err(already(format!(
+                        "dead letter spool {}: an invalid spool line cannot be queued again as it is; correct it, send it \
+                         with `telemetry-agent send`, then drop the dead letter",
+                        letter.seq
+                    )));
+                }
                 let mut event = Event::decode(&letter.payload).map_err(|e| {
                     already(format!("dead letter {} {}: {e}; drop it instead", letter.sink, letter.seq))
                 })?;

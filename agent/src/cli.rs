@@ -23,6 +23,7 @@ use crate::ingest::{self, IngestContext, Listener};
 use crate::metrics::METRICS;
 use crate::mirror::{self, Mirror};
 use crate::reload;
+use crate::spool::SpoolDrain;
 use telemetry_wal::{Durability, Wal, WalOptions};
 use tokio::sync::watch;
 
@@ -393,6 +394,17 @@ async fn serve(
         }
         None => (None, None),
     };
+    let spool = config.spool.as_ref().map(|spool| {
+        let drain = SpoolDrain {
+            dir: spool.dir.clone(),
+            max_file_bytes: spool.max_file_bytes,
+            max_line_bytes: ingest.max_line_bytes,
+            max_future_secs: ingest.max_future_secs,
+            wal: wal.clone(),
+            appender: wal.appender(),
+        };
+        tokio::spawn(drain.run(stop_rx.clone()))
+    });
     if let Some(listener) = http {
         tokio::spawn(http::serve(listener, wal.clone(), stop_rx.clone()));
     }
@@ -405,6 +417,7 @@ async fn serve(
         sinks: config.enabled_sinks(),
         mysql: pool.clone(),
         redis: resync,
+        spool: config.spool.as_ref().map(|spool| spool.dir.clone()),
         running: true,
     };
     tokio::spawn(control::serve(control, admin_context, stop_rx.clone()));
@@ -423,6 +436,7 @@ async fn serve(
         http = http_addr.map(|a| a.to_string()),
         socket = %ingest.socket.display(),
         wal = %config.wal.dir.display(),
+        spool = config.spool.as_ref().map(|spool| spool.dir.display().to_string()),
         ?sinks,
         "telemetry-agent ready"
     );
@@ -439,8 +453,8 @@ async fn serve(
     Listener::new(listener, context, ingest.max_connections).serve(stop).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
-    for sink in [forwarder, mirror].into_iter().flatten() {
-        let _ = sink.await;
+    for task in [spool, forwarder, mirror].into_iter().flatten() {
+        let _ = task.await;
     }
     let _ = std::fs::remove_file(&ingest.socket);
     let _ = std::fs::remove_file(&config.control.socket);
@@ -630,7 +644,8 @@ fn direct_context(
     };
     let identity = Arc::new(Identity::load(&wal, agent_id)?);
     let mysql = config.mysql.as_ref().map(forward::pool).transpose()?;
-    Ok(admin::Context { wal, identity, sinks: config.enabled_sinks(), mysql, redis: None, running: false })
+    let spool = config.spool.as_ref().map(|spool| spool.dir.clone());
+    Ok(admin::Context { wal, identity, sinks: config.enabled_sinks(), mysql, redis: None, spool, running: false })
 }
 
 async fn render(mut rx: tokio::sync::mpsc::Receiver<Output>, json: bool) -> anyhow::Result<ExitCode> {
@@ -751,6 +766,17 @@ fn format_status(status: &admin::Status) -> String {
         if let (Some(error), Some(at)) = (&sink.last_error, sink.last_error_at_ms) {
             out += &format!("                last error at {}: {error}\n", format_time_ms(Some(at)));
         }
+    }
+    if let Some(spool) = &status.spool {
+        out += &format!(
+            "  spool         {} files pending, {} drained ({} events), {} lines and {} files refused ({})\n",
+            spool.files_pending,
+            spool.files_drained,
+            spool.events_ingested,
+            spool.lines_refused,
+            spool.files_refused,
+            spool.dir
+        );
     }
     out + &format_wal(&status.wal)
 }

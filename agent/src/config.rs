@@ -19,6 +19,9 @@ pub struct Config {
     /// Absent: the Redis mirror is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisConfig>,
+    /// Absent: spool files are not drained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<SpoolConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +196,21 @@ impl Default for RedisConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Where scripts write spool files while they cannot reach the agent (docs/spool.md).
+    pub dir: PathBuf,
+    /// A larger spool file is refused (renamed `*.refused`, an ERROR in the log), not read.
+    pub max_file_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig { dir: PathBuf::new(), max_file_bytes: 1 << 30 }
+    }
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig { id: None, log_level: "info".into() }
@@ -314,6 +332,14 @@ impl Config {
         }
         if self.wal.durability == DurabilityMode::Interval && self.wal.flush_interval_ms == 0 {
             bail!("[wal] flush_interval_ms must be at least 1 with durability = \"interval\"");
+        }
+        if let Some(spool) = &self.spool {
+            if spool.dir.as_os_str().is_empty() {
+                bail!("[spool] dir is required when the [spool] section is present");
+            }
+            if spool.max_file_bytes < 1 << 20 {
+                bail!("[spool] max_file_bytes must be at least 1 MiB (1048576), not {}", spool.max_file_bytes);
+            }
         }
         if let Some(mysql) = &self.mysql {
             if mysql.url.is_empty() {

@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod migrate;
 pub mod mirror;
 pub mod reload;
+pub mod spool;

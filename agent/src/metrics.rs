@@ -56,6 +56,11 @@ pub struct Metrics {
     pub mysql_connections: Gauge,
     pub mysql_connections_in_use: Gauge,
     pub redis_pending_keys: Gauge,
+    pub spool_files_pending: Gauge,
+    pub spool_files_drained: Counter,
+    pub spool_events: Counter,
+    pub spool_lines_refused: Counter,
+    pub spool_files_refused: Counter,
     /// Over the last 10 s; for `status` (Prometheus computes its own rates).
     pub events_per_second: Gauge<f64, AtomicU64>,
     /// Per sink: waiting since when, and the last error; for `status`.
@@ -118,6 +123,11 @@ impl Metrics {
             mysql_connections: Gauge::default(),
             mysql_connections_in_use: Gauge::default(),
             redis_pending_keys: Gauge::default(),
+            spool_files_pending: Gauge::default(),
+            spool_files_drained: Counter::default(),
+            spool_events: Counter::default(),
+            spool_lines_refused: Counter::default(),
+            spool_files_refused: Counter::default(),
             events_per_second: Gauge::default(),
             health: Mutex::new(BTreeMap::new()),
         };
@@ -181,6 +191,31 @@ impl Metrics {
             format!("{p}_redis_pending_keys"),
             "Latest values not yet pushed to Redis",
             self.redis_pending_keys.clone(),
+        );
+        r.register(
+            format!("{p}_spool_files_pending"),
+            "Spool files waiting to be drained (or still being written)",
+            self.spool_files_pending.clone(),
+        );
+        r.register(
+            format!("{p}_spool_files_drained"),
+            "Spool files drained into the WAL and deleted",
+            self.spool_files_drained.clone(),
+        );
+        r.register(
+            format!("{p}_spool_events"),
+            "Events appended to the WAL from spool files",
+            self.spool_events.clone(),
+        );
+        r.register(
+            format!("{p}_spool_lines_refused"),
+            "Spool lines that were not valid events (dead letters, sink spool)",
+            self.spool_lines_refused.clone(),
+        );
+        r.register(
+            format!("{p}_spool_files_refused"),
+            "Spool files refused: not regular, hard-linked, unreadable or over max_file_bytes",
+            self.spool_files_refused.clone(),
         );
         self
     }
