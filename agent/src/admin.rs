@@ -109,7 +109,7 @@ pub struct Status {
     pub wal: WalReport,
     /// Why events are not accepted right now, if they are not.
     pub not_ready: Option<String>,
-    /// With a `[spool]` section, while the agent runs.
+    /// While the agent runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool: Option<crate::spool::SpoolStatus>,
 }
@@ -133,8 +133,8 @@ pub struct Context {
     pub mysql: Option<mysql_async::Pool>,
     /// The running agent's Redis mirror.
     pub redis: Option<crate::mirror::Resync>,
-    /// The `[spool]` directory, if the config has one.
-    pub spool: Option<std::path::PathBuf>,
+    /// `[spool] dir`
+    pub spool: std::path::PathBuf,
     /// Set inside the running agent.
     pub running: bool,
 }
@@ -243,7 +243,7 @@ async fn status(context: &Context) -> anyhow::Result<Status> {
         errors,
         sinks: if running { METRICS.sinks() } else { Vec::new() },
         not_ready: if running { crate::http::not_ready(&context.wal) } else { None },
-        spool: context.spool.as_deref().filter(|_| running).map(crate::spool::SpoolStatus::current),
+        spool: running.then(|| crate::spool::SpoolStatus::current(&context.spool)),
         wal,
     })
 }

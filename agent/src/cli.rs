@@ -394,17 +394,15 @@ async fn serve(
         }
         None => (None, None),
     };
-    let spool = config.spool.as_ref().map(|spool| {
-        let drain = SpoolDrain {
-            dir: spool.dir.clone(),
-            max_file_bytes: spool.max_file_bytes,
-            max_line_bytes: ingest.max_line_bytes,
-            max_future_secs: ingest.max_future_secs,
-            wal: wal.clone(),
-            appender: wal.appender(),
-        };
-        tokio::spawn(drain.run(stop_rx.clone()))
-    });
+    let spool = SpoolDrain {
+        dir: config.spool.dir.clone(),
+        max_file_bytes: config.spool.max_file_bytes,
+        max_line_bytes: ingest.max_line_bytes,
+        max_future_secs: ingest.max_future_secs,
+        wal: wal.clone(),
+        appender: wal.appender(),
+    };
+    let spool = Some(tokio::spawn(spool.run(stop_rx.clone())));
     if let Some(listener) = http {
         tokio::spawn(http::serve(listener, wal.clone(), stop_rx.clone()));
     }
@@ -417,7 +415,7 @@ async fn serve(
         sinks: config.enabled_sinks(),
         mysql: pool.clone(),
         redis: resync,
-        spool: config.spool.as_ref().map(|spool| spool.dir.clone()),
+        spool: config.spool.dir.clone(),
         running: true,
     };
     tokio::spawn(control::serve(control, admin_context, stop_rx.clone()));
@@ -436,7 +434,7 @@ async fn serve(
         http = http_addr.map(|a| a.to_string()),
         socket = %ingest.socket.display(),
         wal = %config.wal.dir.display(),
-        spool = config.spool.as_ref().map(|spool| spool.dir.display().to_string()),
+        spool = %config.spool.dir.display(),
         ?sinks,
         "telemetry-agent ready"
     );
@@ -644,7 +642,7 @@ fn direct_context(
     };
     let identity = Arc::new(Identity::load(&wal, agent_id)?);
     let mysql = config.mysql.as_ref().map(forward::pool).transpose()?;
-    let spool = config.spool.as_ref().map(|spool| spool.dir.clone());
+    let spool = config.spool.dir.clone();
     Ok(admin::Context { wal, identity, sinks: config.enabled_sinks(), mysql, redis: None, spool, running: false })
 }
 

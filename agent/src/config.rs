@@ -19,9 +19,7 @@ pub struct Config {
     /// Absent: the Redis mirror is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisConfig>,
-    /// Absent: spool files are not drained.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spool: Option<SpoolConfig>,
+    pub spool: SpoolConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,7 +205,7 @@ pub struct SpoolConfig {
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        SpoolConfig { dir: PathBuf::new(), max_file_bytes: 1 << 30 }
+        SpoolConfig { dir: PathBuf::from("./data/spool"), max_file_bytes: 1 << 30 }
     }
 }
 
@@ -333,13 +331,11 @@ impl Config {
         if self.wal.durability == DurabilityMode::Interval && self.wal.flush_interval_ms == 0 {
             bail!("[wal] flush_interval_ms must be at least 1 with durability = \"interval\"");
         }
-        if let Some(spool) = &self.spool {
-            if spool.dir.as_os_str().is_empty() {
-                bail!("[spool] dir is required when the [spool] section is present");
-            }
-            if spool.max_file_bytes < 1 << 20 {
-                bail!("[spool] max_file_bytes must be at least 1 MiB (1048576), not {}", spool.max_file_bytes);
-            }
+        if self.spool.dir.as_os_str().is_empty() {
+            bail!("[spool] dir must not be empty");
+        }
+        if self.spool.max_file_bytes < 1 << 20 {
+            bail!("[spool] max_file_bytes must be at least 1 MiB (1048576), not {}", self.spool.max_file_bytes);
         }
         if let Some(mysql) = &self.mysql {
             if mysql.url.is_empty() {

@@ -270,6 +270,21 @@ fn a_scripts_user_reaches_the_ingest_socket_and_nothing_else_of_the_service() {
         nix::unistd::chown(dir.as_path(), Some(service.uid), Some(service_gid)).unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(octal(unit_value(&unit, key).unwrap()))).unwrap();
     }
+    // The spool, as postinst makes it.
+    let postinst = std::fs::read_to_string(workspace.join("packaging/debian/postinst")).unwrap();
+    let spool_mode = postinst
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("install -d -o telemetry -g telemetry-clients -m ")?
+                .strip_suffix(" /var/spool/telemetry-agent")
+        })
+        .expect("postinst creates /var/spool/telemetry-agent");
+    let spool = base.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let client_gid = nix::unistd::Group::from_name(&rename("telemetry-clients")).unwrap().unwrap().gid;
+    nix::unistd::chown(spool.as_path(), Some(service.uid), Some(client_gid)).unwrap();
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(octal(spool_mode))).unwrap();
     let socket = run.join("agent.sock");
     let control = run.join("control.sock");
     let wal = state.join("wal");
@@ -279,11 +294,12 @@ fn a_scripts_user_reaches_the_ingest_socket_and_nothing_else_of_the_service() {
         &config,
         format!(
             "[agent]\nid = \"access-test\"\n[ingest]\nsocket = {:?}\n{}[wal]\ndir = {:?}\n[http]\nenabled = false\n\
-             [control]\nsocket = {:?}\n",
+             [control]\nsocket = {:?}\n[spool]\ndir = {:?}\n",
             socket.display().to_string(),
             socket_group.map(|g| format!("socket_group = {g:?}\n")).unwrap_or_default(),
             wal.display().to_string(),
             control.display().to_string(),
+            spool.display().to_string(),
         ),
     )
     .unwrap();
@@ -341,6 +357,56 @@ fn a_scripts_user_reaches_the_ingest_socket_and_nothing_else_of_the_service() {
     let output = as_script(bin, &[&send, &socket_flag, &control], "{\"Status\":null}\n");
     assert!(!output.status.success(), "the script's user reaches the control socket: {}", text(&output));
     assert!(text(&output).contains("ermission denied"), "{}", text(&output));
+
+    // The spool: the script's client, unable to reach the socket, spools an event (under a umask that would
+    // keep the file from the agent) and hands the file over at exit; the agent, another user, drains it.
+    let client = base.path().join("python");
+    copy_dir(&workspace.join("clients/python/src"), &client);
+    let script_source = format!(
+        "import sys; sys.path.insert(0, {client:?})\n\
+         from telemetry_agent import Client\n\
+         c = Client(socket_path={missing:?}, spool_dir={spool:?})\n\
+         print(c.metric('p-spool', 'm', 1.0).wait(10).status)\n\
+         c.close(10)\n",
+        client = client.display().to_string(),
+        missing = base.path().join("no-agent.sock").display().to_string(),
+        spool = spool.display().to_string(),
+    );
+    let mut python = Command::new("python3");
+    python.args(["-c", &script_source]);
+    as_user(&mut python, script.uid, script_gids.clone(), 0o077);
+    let spooled = run_within(python, "", Duration::from_secs(30));
+    assert!(spooled.status.success() && text(&spooled).contains("spooled"), "{}", text(&spooled));
+    let listed = as_script("ls", &[&spool], "");
+    assert!(!listed.status.success(), "a script's user can list others' spool files: {}", text(&listed));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut status = Command::new(bin);
+        status.args(["status", "--json", "--config"]).arg(&config);
+        let status: serde_json::Value =
+            serde_json::from_slice(&run_within(status, "", Duration::from_secs(10)).stdout).unwrap_or_default();
+        if status["spool"]["events_ingested"] == 1 && status["spool"]["files_refused"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent did not drain the script's spool file: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "the drained file is deleted");
     drop(agent);
     drop(accounts);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
 }

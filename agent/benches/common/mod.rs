@@ -28,8 +28,9 @@ impl Agent {
             &config,
             format!(
                 "[agent]\nid = \"bench\"\n[http]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n\
-                 [ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n{extra}\n{}\n",
+                 [spool]\ndir = {:?}\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n{extra}\n{}\n",
                 dir.path().join("control.sock").display().to_string(),
+                dir.path().join("spool").display().to_string(),
                 socket.display().to_string(),
                 dir.path().join("wal").display().to_string(),
                 std::env::var("BENCH_AGENT_CONFIG").unwrap_or_default().replace(';', "\n"),

@@ -36,10 +36,11 @@ impl Agent {
         let config_path = dir.path().join("agent.toml");
         let config = format!(
             "[agent]\nid = \"test-agent\"\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\nretain_secs = 0\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n{extra}",
+             [http]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n[spool]\ndir = {:?}\n{extra}",
             socket.display().to_string(),
             wal_dir.display().to_string(),
             dir.path().join("control.sock").display().to_string(),
+            dir.path().join("spool").display().to_string(),
         );
         std::fs::write(&config_path, merge_sections(&config)).unwrap();
         Agent { dir, socket, wal_dir, config_path, env: Vec::new(), child: None }
