@@ -18,7 +18,18 @@ pendings_by_thread = [[] for _ in range(int(threads))]
 stop_at = time.monotonic() + float(seconds)
 
 
+failures: list = []
+
+
 def stream(index: int) -> None:
+    try:
+        produce(index)
+    except BaseException as e:
+        failures.append(repr(e))
+        raise
+
+
+def produce(index: int) -> None:
     rng = random.Random(f"{tag}-{index}")
     own = pendings_by_thread[index]
     profile = f"{tag}-t{index}"
@@ -33,8 +44,8 @@ def stream(index: int) -> None:
                     "BTC/USDT",
                     rng.choice(("buy", "sell")),
                     quantity,
-                    str(rng.random() * 1e5)[:12],
-                    pnl=rng.uniform(-1e3, 1e3),
+                    f"{rng.uniform(1, 1e5):.4f}",
+                    pnl=round(rng.uniform(-1e3, 1e3), 2),
                 )
             )
         else:
@@ -49,6 +60,8 @@ for worker in workers:
 for worker in workers:
     worker.join()
 client.close(timeout=30)
+if failures:
+    sys.exit(f"a thread failed: {failures}")
 with open(out_path, "w") as out:
     for own in pendings_by_thread:
         for pending in own:
