@@ -147,10 +147,11 @@ class BaseClient:
     def stats(self) -> Dict[str, Any]:
         """Counters since this client started (or since fork, in a child): enqueued, sent (lines written,
         resends included), acked, spooled, resent, retried (wal_full/overloaded/internal answers), refused (by
-        code), dropped, queued (held in memory now), in_flight, connects, connect_failures, spool_files,
-        spool_bytes, ack_rtt_p50_ms, ack_rtt_p99_ms (of the last 4096 acks)."""
+        code), dropped, queued (held in memory now), in_flight, connects, connect_failures, spool_files (made),
+        spool_bytes (of this client not yet drained), ack_rtt_p50_ms, ack_rtt_p99_ms (of the last 4096 acks)."""
         result = self._core.stats()
         result["spool_files"] = self._spool.files_made
+        result["spool_bytes"] = self._spool.bytes_in_use(False)
         return result
 
     def _write_spool(self, batch: List[PendingBase]) -> None:

@@ -246,8 +246,6 @@ class Core:
                 "dropped",
                 "connects",
                 "connect_failures",
-                "spool_files",
-                "spool_bytes",
             ),
             0,
         )
@@ -444,10 +442,6 @@ class Core:
         self.spool_blocked_until = now + 1.0
         if self.closing and now >= self.flush_until:
             self.final_spool_failed = True
-
-    def spool_stats(self, files: int, size: int) -> None:
-        self.counters["spool_files"] = files
-        self.counters["spool_bytes"] = size
 
     def on_connected(self, now: float) -> None:
         self.connected = True
