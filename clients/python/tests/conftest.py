@@ -26,7 +26,8 @@ AGENT_BIN = os.environ.get("TELEMETRY_AGENT_BIN", str(REPO / "target" / "release
 MYSQL_URL = os.environ.get("TELEMETRY_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")
 REDIS_URL = os.environ.get("TELEMETRY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
-# Scripts started by tests import the client from this tree, installed or not.
+# The tests, and the scripts they start, import the client from this tree, installed or not.
+sys.path.insert(0, str(CLIENT_DIR / "src"))
 SCRIPT_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CLIENT_DIR / "src"), os.environ.get("PYTHONPATH", "")]))
 
 
