@@ -113,7 +113,7 @@ impl SpoolDrain {
             }
         };
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut drainer = Some(Drainer { spool: self, resume: HashMap::new() });
+        let mut drainer = Some(Drainer { spool: self, resume: HashMap::new(), last_dead_letter: 0 });
         let mut retry = RETRY_INITIAL;
         let mut next_scan = Instant::now();
         let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
@@ -200,6 +200,8 @@ struct Drainer {
     spool: SpoolDrain,
     /// Lines already durable in the WAL, by (device, inode), of files the WAL stopped taking midway.
     resume: HashMap<(u64, u64), u64>,
+    /// The key of the last dead letter written: keys are microseconds, made unique.
+    last_dead_letter: u64,
 }
 
 impl Drainer {
@@ -329,8 +331,8 @@ impl Drainer {
     }
 
     /// Appends the file's events from line `skip + 1` on; every appended event is durable when this returns.
-    fn ingest(&self, file: &File, name: &str, skip: u64, stopping: &AtomicBool) -> Ingested {
-        let spool = &self.spool;
+    fn ingest(&mut self, file: &File, name: &str, skip: u64, stopping: &AtomicBool) -> Ingested {
+        let max_line_bytes = self.spool.max_line_bytes;
         let mut reader = BufReader::with_capacity(64 * 1024, file);
         let mut line = Vec::new();
         let mut line_no = 0u64;
@@ -348,7 +350,7 @@ impl Drainer {
         };
         loop {
             line.clear();
-            let read = match read_line(&mut reader, &mut line, spool.max_line_bytes) {
+            let read = match read_line(&mut reader, &mut line, max_line_bytes) {
                 Ok(read) => read,
                 Err(e) => return Ingested::Partly { lines_done: settled, reason: format!("read failed: {e}") },
             };
@@ -369,13 +371,10 @@ impl Drainer {
             if line_no <= skip {
                 continue;
             }
-            let valid = if too_long {
-                Err(format!("line_too_long: over {} bytes", spool.max_line_bytes))
-            } else {
-                self.check(&line)
-            };
+            let valid =
+                if too_long { Err(format!("line_too_long: over {} bytes", max_line_bytes)) } else { self.check(&line) };
             match valid {
-                Ok(payload) => match spool.appender.blocking_append(payload) {
+                Ok(payload) => match self.spool.appender.blocking_append(payload) {
                     Ok(pending) => {
                         batch.push(pending);
                         events += 1;
@@ -436,13 +435,13 @@ impl Drainer {
         }
     }
 
-    fn dead_letter(&self, file: &str, line_no: u64, error: &str, line: &[u8]) -> Result<(), WalError> {
+    fn dead_letter(&mut self, file: &str, line_no: u64, error: &str, line: &[u8]) -> Result<(), WalError> {
         let kept = &line[..line.len().min(DEAD_LETTER_LINE_BYTES)];
-        // Keyed by time: unique enough (one at a time, microseconds apart), and listed in order.
-        let key = u64::try_from(now_us()).unwrap_or(0);
+        // Keyed by time, so they list in order; the same key would replace an earlier letter.
+        self.last_dead_letter = u64::try_from(now_us()).unwrap_or(0).max(self.last_dead_letter + 1);
         self.spool.wal.add_dead_letter(&DeadLetter {
             sink: DEAD_LETTER_SINK.to_string(),
-            seq: key,
+            seq: self.last_dead_letter,
             error: format!("{file}:{line_no}: {error}"),
             at_ms: now_ms(),
             payload: kept.to_vec(),
