@@ -8,10 +8,12 @@
 #                                     # default 1800; see agent/benches/soak.rs)
 #
 # Makes sure MariaDB and Redis answer (scripts/services.sh, as the tests do) and installs redis-py for the
-# Python baseline when it is missing, builds every bench in release once, then runs them one after the other
-# with BENCH_REPORT_DIR (default target/bench-report) set: each bench prints its tables as when run alone and
-# also writes its key numbers there as JSON lines (plus its output as *.log). Last, the report bench turns
-# them into BENCH_DOCS_DIR (default docs/). Each bench's own settings (BENCH_SECS, BENCH_ROWS, ...) pass through.
+# Python baseline when it is missing, sets up the Python client's venv (scripts/pyvenv.sh, as the tests do),
+# builds every bench in release once, then runs them one after the other (last the Python client's benchmark,
+# clients/python/benchmarks/compare.py) with BENCH_REPORT_DIR (default target/bench-report) set: each bench
+# prints its tables as when run alone and also writes its key numbers there as JSON lines (plus its output as
+# *.log). Last, the report bench turns them into BENCH_DOCS_DIR (default docs/). Each bench's own settings
+# (BENCH_SECS, BENCH_ROWS, ...) pass through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "bench: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
@@ -27,12 +29,16 @@ if ! python3 -c 'import redis' >/dev/null 2>&1; then
     echo "bench: installing redis-py for the Python baseline of the Redis bench" >&2
     python3 -m pip install --quiet redis >&2 || echo "bench: no redis-py; the Python row will be missing" >&2
 fi
+# The Python client's benchmark runs in the venv of its tests (mysql-connector-python, redis-py).
+# shellcheck source=scripts/pyvenv.sh
+source scripts/pyvenv.sh
+ensure_pyvenv bench
 
 export BENCH_REPORT_DIR
 BENCH_REPORT_DIR="$(realpath -m "${BENCH_REPORT_DIR:-${CARGO_TARGET_DIR:-target}/bench-report}")"
 mkdir -p "$BENCH_REPORT_DIR"
-rm -f "$BENCH_REPORT_DIR"/{run,append,ingest,mysql,redis}.jsonl "$BENCH_REPORT_DIR"/mysql-outage.csv \
-    "$BENCH_REPORT_DIR"/{build,append,ingest,mysql,redis,report}.log
+rm -f "$BENCH_REPORT_DIR"/{run,append,ingest,mysql,redis,python}.jsonl "$BENCH_REPORT_DIR"/mysql-outage.csv \
+    "$BENCH_REPORT_DIR"/{build,append,ingest,mysql,redis,python,report}.log
 quick=false
 if [ -n "${BENCH_QUICK:-}" ] && [ "${BENCH_QUICK}" != 0 ]; then quick=true; fi
 echo "{\"kind\":\"run\",\"quick\":$quick,\"started\":\"$(date -u '+%Y-%m-%d %H:%M UTC')\"}" >"$BENCH_REPORT_DIR/run.jsonl"
@@ -55,6 +61,7 @@ step append "WAL append" cargo bench -q -p telemetry-wal --bench append
 step ingest "socket ingest" cargo bench -q -p telemetry-agent --bench ingest
 step mysql "MySQL" cargo bench -q -p telemetry-agent --bench mysql
 step redis "Redis" cargo bench -q -p telemetry-agent --bench redis
+step python "Python client" "$python_venv/bin/python" clients/python/benchmarks/compare.py
 cargo bench -q -p telemetry-agent --bench report >"$BENCH_REPORT_DIR/report.log"
 echo >&2
 sed -n '/^## Summary/,/^## Details/p' "$BENCH_REPORT_DIR/report.log" | sed '$d'

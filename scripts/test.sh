@@ -17,15 +17,9 @@ need() { # tool, install command...
 command -v systemd-analyze >/dev/null 2>&1 || need systemd-analyze install_packages systemd
 cargo deb --version >/dev/null 2>&1 || need cargo-deb cargo install cargo-deb --locked --quiet
 # The Python client's tests and lint tools live in a venv under target/ (PyPI: requirements-dev.txt).
-command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null \
-    || install_packages python3 python3-venv
-python_venv=target/pyvenv
-if [ ! -x "$python_venv/bin/pytest" ] || ! cmp -s clients/python/requirements-dev.txt "$python_venv/requirements-dev.txt"; then
-    echo "test: setting up $python_venv" >&2
-    python3 -m venv --clear "$python_venv"
-    "$python_venv/bin/pip" install --quiet --disable-pip-version-check -r clients/python/requirements-dev.txt
-    cp clients/python/requirements-dev.txt "$python_venv/requirements-dev.txt"
-fi
+# shellcheck source=scripts/pyvenv.sh
+source scripts/pyvenv.sh
+ensure_pyvenv test
 echo "test: MySQL at ${TELEMETRY_TEST_MYSQL_URL//:*@/:****@}, Redis at $TELEMETRY_TEST_REDIS_URL" >&2
 cargo test --workspace --features telemetry-wal/failpoints "$@"
 # The client's tests run the release agent, as scripts meet it.

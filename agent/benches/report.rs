@@ -190,11 +190,12 @@ fn render(data: &Data, plotted: bool) -> String {
         md,
         "`scripts/bench.sh` makes sure MariaDB and Redis answer (as the tests do), installs redis-py for the Python \
          baseline when missing, builds every bench in release once, then runs `cargo bench -p telemetry-wal --bench \
-         append` and `cargo bench -p telemetry-agent --bench` `ingest`, `mysql` and `redis`, one after the other, \
-         with `BENCH_REPORT_DIR` set: each bench prints its own tables as before and also writes its numbers as JSON \
-         lines there (`append.jsonl`, `ingest.jsonl`, `mysql.jsonl`, `redis.jsonl`, the outage time series \
-         `mysql-outage.csv`, each bench's output in `*.log`). Last, `cargo bench -p telemetry-agent --bench report` \
-         turns them into this page and `mysql-outage.png`. Every bench still runs alone as README describes.\n"
+         append`, `cargo bench -p telemetry-agent --bench` `ingest`, `mysql` and `redis`, and the Python client's \
+         `clients/python/benchmarks/compare.py` (in the test venv, `target/pyvenv`), one after the other, with `BENCH_REPORT_DIR` set: each bench prints its own tables as before and also writes \
+         its numbers as JSON lines there (`append.jsonl`, `ingest.jsonl`, `mysql.jsonl`, `redis.jsonl`, \
+         `python.jsonl`, the outage time series `mysql-outage.csv`, each bench's output in `*.log`). Last, `cargo \
+         bench -p telemetry-agent --bench report` turns them into this page and `mysql-outage.png`. Every bench \
+         still runs alone as README describes.\n"
     );
     if !steps.is_empty() {
         let list: Vec<String> = steps.iter().map(|(n, s)| format!("{n} {}", duration(*s))).collect();
@@ -410,7 +411,82 @@ fn summary_rows(data: &Data) -> Vec<Row> {
             });
         }
     }
+    python_rows(data, &mut rows);
     rows
+}
+
+/// The Python client benchmark's row of `way` with `processes` script processes.
+fn python_row<'a>(data: &'a Data, way: &str, processes: f64) -> Option<&'a Value> {
+    data.all("python").filter(|r| r["way"] == way && num(r, "processes") == Some(processes)).last()
+}
+
+/// The process counts the Python client benchmark ran, ascending.
+fn python_processes(data: &Data) -> Vec<f64> {
+    let mut counts: Vec<f64> = data.all("python").filter_map(|r| num(r, "processes")).collect();
+    counts.sort_by(f64::total_cmp);
+    counts.dedup();
+    counts
+}
+
+fn plural(n: f64, word: &str) -> String {
+    format!("{n:.0} {word}{}", if n == 1.0 { "" } else { "es" })
+}
+
+/// The Python client's three targets: the metric() call's p99, the script's CPU per event against the old
+/// way's, and acked events/s from one process.
+fn python_rows(data: &Data, rows: &mut Vec<Row>) {
+    for p in python_processes(data) {
+        let Some(c) = python_row(data, "client", p) else { continue };
+        if let Some(p99) = num(c, "call_p99_us") {
+            rows.push(Row {
+                area: format!("Python client, `metric()` call p99, {}", plural(p, "process")),
+                measured: format!("{p99:.1} µs (p50 {:.1} µs)", num(c, "call_p50_us").unwrap_or(0.0)),
+                against: "target 50 µs".into(),
+                ratio: ratio(p99, 50.0),
+                target: format!("< 50 µs: {}", verdict(p99 < 50.0)),
+            });
+        }
+        let old_cpu = python_row(data, "old", p).and_then(|a| num(a, "cpu_us_per_event"));
+        if let (Some(cpu), Some(old_cpu)) = (num(c, "cpu_us_per_event"), old_cpu) {
+            rows.push(Row {
+                area: format!("Python client, script CPU per event, {}", plural(p, "process")),
+                measured: format!("{cpu:.1} µs"),
+                against: format!(
+                    "(a) old way, mysql.connector + redis-py, a row and an HSET at a time: {old_cpu:.1} µs"
+                ),
+                ratio: ratio(cpu, old_cpu),
+                target: format!("≤ 0.2x: {}", verdict(cpu <= 0.2 * old_cpu)),
+            });
+        }
+        if p == 1.0 {
+            let Some(rate) = num(c, "events_per_sec") else { continue };
+            let baselines = [
+                ("(a) old way, autocommit INSERT per row", python_row(data, "old", 1.0)),
+                ("(b) pool of 5, 50-row INSERTs", python_row(data, "pool", 1.0)),
+            ];
+            let mut first = true;
+            for (name, base) in baselines {
+                let Some(base) = base.and_then(|b| num(b, "events_per_sec")) else { continue };
+                rows.push(Row {
+                    area: if first { "Python client, one process, acked events/s".into() } else { "".into() },
+                    measured: if first { format!("{} acked events/s", thousands(rate)) } else { "".into() },
+                    against: format!("{name}, 1 process: {} rows/s", thousands(base)),
+                    ratio: ratio(rate, base),
+                    target: if first { format!("≥ 50,000/s: {}", verdict(rate >= 50_000.0)) } else { "".into() },
+                });
+                first = false;
+            }
+            if first {
+                rows.push(Row {
+                    area: "Python client, one process, acked events/s".into(),
+                    measured: format!("{} acked events/s", thousands(rate)),
+                    against: "target 50,000/s".into(),
+                    ratio: ratio(rate, 50_000.0),
+                    target: format!("≥ 50,000/s: {}", verdict(rate >= 50_000.0)),
+                });
+            }
+        }
+    }
 }
 
 fn details(md: &mut String, data: &Data, plotted: bool) {
@@ -592,6 +668,67 @@ fn details(md: &mut String, data: &Data, plotted: bool) {
         }
         let _ = writeln!(md);
     }
+    if data.one("python").is_some() {
+        python_details(md, data);
+    }
+}
+
+fn python_details(md: &mut String, data: &Data) {
+    let _ = writeln!(md, "### Python client (`clients/python/benchmarks/compare.py`)\n");
+    let first = data.one("python");
+    let secs = first.and_then(|r| num(r, "phase_secs").or(num(r, "secs"))).unwrap_or(0.0);
+    let _ = writeln!(
+        md,
+        "What a trading script pays, from its own side: script processes (1, then many) each send 3 metrics then 1 \
+         trade, over and over, for {secs:.0} s per case (then until what they sent is durable), with at most {} events per process not yet durable. (a) the \
+         scripts' old `TelemetryStorage`: `metric()` puts the event on a queue, one flusher thread writes each row with \
+         an autocommit INSERT (mysql.connector) and each metric with an HSET (redis-py); (b) the review's fix: the \
+         same queue, 5 flusher threads over a mysql.connector pool of 5, one 50-row INSERT per table and commit, the \
+         HSETs pipelined over a redis-py pool; (c) `telemetry_agent.Client` sending to the release agent (MySQL and \
+         Redis sinks on), counting only events whose `Pending.wait()` said acked. Events/s are durable events (rows \
+         committed, or acked) over the whole span, summed over the processes; script CPU is the script processes' \
+         own user+sys (their background threads included) per event; `metric()` p50/p99 is the wall time of the \
+         call (what the trading loop pays), pooled over the processes; agent CPU is the agent's user+sys per acked \
+         event (ingest, WAL, both sinks). Python {}, mysql-connector-python {}.\n",
+        first.and_then(|r| num(r, "window")).map_or("?".into(), thousands),
+        first.and_then(|r| r["python"].as_str()).unwrap_or("?"),
+        first.and_then(|r| r["mysql_connector"].as_str()).unwrap_or("?"),
+    );
+    let _ = writeln!(
+        md,
+        "| way | processes | events | secs | events/s | ÷ (a) | script CPU µs/event | ÷ (a) | `metric()` p50 | \
+         `metric()` p99 | `trade()` p99 | agent CPU µs/event |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in python_processes(data) {
+        let old = python_row(data, "old", p);
+        for way in ["old", "pool", "client"] {
+            let Some(r) = python_row(data, way, p) else { continue };
+            let g = |k| num(r, k).unwrap_or(0.0);
+            let vs_old =
+                |k: &str| old.and_then(|a| num(a, k)).zip(num(r, k)).map_or("-".to_string(), |(a, v)| ratio(v, a));
+            let name = match way {
+                "old" => "(a) old way: queue, autocommit INSERT per row, HSET per metric",
+                "pool" => "(b) pool of 5, 50-row INSERTs, redis-py pool",
+                _ => "(c) Python client → agent (acked)",
+            };
+            let _ = writeln!(
+                md,
+                "| {name} | {p:.0} | {} | {:.1} | {} | {} | {} | {} | {:.1} µs | {:.1} µs | {:.1} µs | {} |",
+                thousands(g("events")),
+                g("secs"),
+                thousands(g("events_per_sec")),
+                vs_old("events_per_sec"),
+                num(r, "cpu_us_per_event").map_or("-".into(), |v| format!("{v:.1}")),
+                vs_old("cpu_us_per_event"),
+                g("call_p50_us"),
+                g("call_p99_us"),
+                g("trade_call_p99_us"),
+                num(r, "agent_cpu_us_per_event").map_or("-".into(), |v| format!("{v:.1}"))
+            );
+        }
+    }
+    let _ = writeln!(md);
 }
 
 /// Plots `mysql-outage.csv`; `Ok(None)` without one, else whether text was drawn.
