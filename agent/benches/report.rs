@@ -729,6 +729,16 @@ fn python_details(md: &mut String, data: &Data) {
         }
     }
     let _ = writeln!(md);
+    for r in data.all("python") {
+        if let Some(note) = r["note"].as_str() {
+            let _ = writeln!(
+                md,
+                "Note, {} with {:.0} processes: {note}.\n",
+                r["way"].as_str().unwrap_or("?"),
+                num(r, "processes").unwrap_or(0.0)
+            );
+        }
+    }
 }
 
 /// Plots `mysql-outage.csv`; `Ok(None)` without one, else whether text was drawn.

@@ -9,7 +9,7 @@
             only events whose `Pending.wait()` says "acked" count.
 
 Each phase runs 1 or N script processes (separate Python interpreters, like the scripts) for BENCH_SECS, each
-sending as fast as it can: 3 metrics then 1 trade, over and over, with at most BENCH_WINDOW events not yet durable
+sending as fast as it can: 3 metrics then 1 trade, over and over, with a bounded number of events not yet durable
 (the sender waits, outside the timed calls, for older events to be written (a, b) or acked (c)). Per phase:
 events/s (durable events: rows written by the flusher, or acked by the agent), the script's own CPU per event
 (user+sys of the whole process, its background threads included, from os.times()), and the wall time of each
@@ -20,11 +20,13 @@ events/s (durable events: rows written by the flusher, or acked by the agent), t
     BENCH_QUICK=1 target/pyvenv/bin/python clients/python/benchmarks/compare.py   # smoke run, well under a minute
 
 Settings (environment): BENCH_SECS per phase (default 10; quick 2), BENCH_PROCS the process counts (default
-"1,30"; quick "1,4"), BENCH_WAYS (default "old,pool,client"), BENCH_WINDOW events not yet durable per process
-(default 2000), TELEMETRY_TEST_MYSQL_URL (default mysql://root@127.0.0.1:3306), TELEMETRY_TEST_REDIS_URL
-(default redis://127.0.0.1:6379), TELEMETRY_AGENT_BIN (default target/release/telemetry-agent). It creates and
-drops its own database (bench_py_<random>), Redis key prefix and temp dir. With BENCH_REPORT_DIR set, it writes
-one JSON line per (way, processes) to $BENCH_REPORT_DIR/python.jsonl for scripts/bench.sh's report.
+"1,30"; quick "1,4"), BENCH_WAYS (default "old,pool,client"), BENCH_WINDOW events not yet acked per process in
+(c) (default 2000; (a) and (b) keep 100 and 500 unwritten, enough for their flushers), TELEMETRY_TEST_MYSQL_URL
+(default mysql://root@127.0.0.1:3306), TELEMETRY_TEST_REDIS_URL (default redis://127.0.0.1:6379),
+TELEMETRY_AGENT_BIN (default target/release/telemetry-agent). It creates and drops its own database
+(bench_py_<random>), Redis key prefix and temp dir. With BENCH_REPORT_DIR set, it writes one JSON line per
+(way, processes) to $BENCH_REPORT_DIR/python.jsonl for scripts/bench.sh's report. (b) takes a smaller pool per
+process when the server's max_connections has no room for 5 per process (30 x 5 = 150 of MariaDB's default 151).
 """
 
 from __future__ import annotations
@@ -78,7 +80,12 @@ METRIC_NAMES = (
     "orders",
     "cash",
 )
-BLOCK = 200  # events between flow-control checks (and deadline checks) in a worker
+# Events a process may have sent but not yet durable (flow control, outside the timed calls), and how many it sends
+# between checks of that and of its deadline. (c): BENCH_WINDOW, default 2000 (twice the client's own window of
+# 1000 unanswered lines). (a), (b): just enough to keep their flushers busy, so that the end of a phase is not a
+# long drain of a deep queue.
+QUEUED_WINDOWS = {"old": 100, "pool": 500}
+MAX_BLOCK = 200
 OLD_BATCH_SIZE, OLD_FLUSH_INTERVAL = 10, 5.0  # TelemetryStorage's settings
 POOL_SIZE, POOL_BATCH, POOL_LINGER = 5, 50, 0.05
 CATCH_UP_SECS = 180.0
@@ -268,17 +275,19 @@ class PoolStorage(QueuedStorage):
 
     agent_id = "bench-pool"
 
-    def __init__(self, params: Dict[str, Any], database: str, redis_url: str, redis_prefix: str) -> None:
+    def __init__(
+        self, params: Dict[str, Any], database: str, redis_url: str, redis_prefix: str, pool_size: int = POOL_SIZE
+    ) -> None:
         import mysql.connector.pooling
         import redis
 
         super().__init__(redis_url, redis_prefix)
         self.pool = mysql.connector.pooling.MySQLConnectionPool(
-            pool_name=f"bench{os.getpid()}", pool_size=POOL_SIZE, **params, database=database
+            pool_name=f"bench{os.getpid()}", pool_size=pool_size, **params, database=database
         )
-        self.redis_pool = redis.ConnectionPool.from_url(redis_url, max_connections=POOL_SIZE)
+        self.redis_pool = redis.ConnectionPool.from_url(redis_url, max_connections=pool_size)
         self.redis = redis.Redis(connection_pool=self.redis_pool)
-        self.start(POOL_SIZE)
+        self.start(pool_size)
 
     def flush_loop(self) -> None:
         prefix = self.redis_prefix
@@ -412,13 +421,15 @@ class ClientSender(Sender):
 def make_sender(way: str, conf: Dict[str, Any]) -> Sender:
     if way == "client":
         return ClientSender(conf["socket"], conf["spool_dir"])
-    params = conf["mysql"]
-    storage_type = OldStorage if way == "old" else PoolStorage
-    return StorageSender(storage_type(params, conf["database"], conf["redis_url"], conf["redis_prefix"]))
+    args = (conf["mysql"], conf["database"], conf["redis_url"], conf["redis_prefix"])
+    if way == "old":
+        return StorageSender(OldStorage(*args))
+    return StorageSender(PoolStorage(*args, pool_size=conf["pool_size"]))
 
 
 def worker(conf: Dict[str, Any]) -> None:
     way, index, window = conf["way"], conf["index"], conf["window"]
+    block_size = min(MAX_BLOCK, window // 2)
     profile = f"py-{way}-{index}"
     sender = make_sender(way, conf)
     metric, trade = sender.metric, sender.trade
@@ -427,8 +438,8 @@ def worker(conf: Dict[str, Any]) -> None:
     perf = time.perf_counter_ns
 
     # Warm-up (connections, pools, caches): metrics, all durable, not counted.
-    warm = [metric(profile, names[i % 10], 100.0 + i) for i in range(2 * BLOCK)]
-    sender.settle(warm, 2 * BLOCK)
+    warm = [metric(profile, names[i % 10], 100.0 + i) for i in range(2 * block_size)]
+    sender.settle(warm, 2 * block_size)
     sender.mark()
 
     print("ready", flush=True)
@@ -451,7 +462,7 @@ def worker(conf: Dict[str, Any]) -> None:
     i = 0
     now = t_start
     while now < deadline:
-        for _ in range(BLOCK):
+        for _ in range(block_size):
             if i & 3 != 3:
                 t0 = perf()
                 pending = metric(profile, names[i % 10], 100.0 + (i % 997) * 0.25)
@@ -466,11 +477,11 @@ def worker(conf: Dict[str, Any]) -> None:
                 t_append(now - t0)
             b_append(pending)
             i += 1
-        sent += BLOCK
+        sent += block_size
         blocks.append(block)
         block = []
         b_append = block.append
-        if len(blocks) * BLOCK > window:
+        if len(blocks) * block_size > window:
             sender.settle(blocks.popleft(), sent - window)
     while blocks:
         sender.settle(blocks.popleft(), sent)
@@ -595,6 +606,14 @@ class Database:
         done = subprocess.run([AGENT_BIN, "migrate", "--config", str(config)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"migrate failed: {done.stderr}")
+
+    def max_connections(self) -> int:
+        return int(self.execute("SHOW VARIABLES LIKE 'max_connections'")[0][1])
+
+    def connection_room(self) -> int:
+        """Connections the server can still take, keeping 10 spare (the agent's pool, tests running beside)."""
+        connected = int(self.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")[0][1])
+        return self.max_connections() - connected - 10
 
     def truncate(self) -> None:
         for table in ("dd_metrics", "dd_trade_performance"):
@@ -740,6 +759,9 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     print()
     for way in WAYS:
         print(f"{SHORT[way]}: {LABELS[way]}")
+    for r in rows:
+        if r.get("note"):
+            print(f"{SHORT[r['way']]} with {r['processes']} processes: {r['note']}")
     print(
         "events/s: durable events per second (rows committed by the flusher, or acked by the agent), summed over the "
         "processes; script CPU: the script processes' own user+sys (background threads included) per event; metric() "
@@ -810,7 +832,7 @@ def main() -> int:
     connector = f"{mysql.connector.__version__} ({'C extension' if mysql.connector.HAVE_CEXT else 'pure Python'})"
     progress(
         f"Python {platform.python_version()}, mysql-connector-python {connector}, redis-py {redis.__version__}; "
-        f"{secs:g} s per phase, processes {procs}, window {window}; MySQL at {MYSQL_URL.split('@')[-1]}, Redis at "
+        f"{secs:g} s per phase, processes {procs}, window (c) {window}; MySQL at {MYSQL_URL.split('@')[-1]}, Redis at "
         f"{REDIS_URL.split('@')[-1]}"
     )
     tmp = Path(tempfile.mkdtemp(prefix="bench-py-"))
@@ -834,7 +856,6 @@ def main() -> int:
             "socket": agent.socket if agent else "",
             "spool_dir": str(agent.spool_dir) if agent else "",
             "secs": secs,
-            "window": window,
         }
         phase, phases = 0, len(procs) * len(ways)
         for processes in procs:
@@ -842,8 +863,26 @@ def main() -> int:
                 phase += 1
                 db.truncate()
                 loadavg = os.getloadavg()[0]
+                phase_conf = dict(conf, window=QUEUED_WINDOWS.get(way, window), pool_size=POOL_SIZE)
+                note = ""
+                if way == "pool":
+                    # 30 scripts with a pool of 5 each need 150 connections: MariaDB's default max_connections
+                    # is 151. Take what the server has room for and say so.
+                    room = db.connection_room()
+                    if room < POOL_SIZE * processes:
+                        phase_conf["pool_size"] = max(1, min(POOL_SIZE, room // processes))
+                        note = (
+                            f"pool of {phase_conf['pool_size']} per process, not {POOL_SIZE}: {processes} x "
+                            f"{POOL_SIZE} connections do not fit the server's max_connections "
+                            f"({db.max_connections()}) beside those already open"
+                        )
+                        progress(f"  {note}")
                 progress(f"phase {phase}/{phases}: {LABELS[way]}, {processes} process(es), {secs:g} s ...")
-                row = run_phase(way, processes, conf, tmp, agent)  # type: ignore[arg-type]
+                row = run_phase(way, processes, phase_conf, tmp, agent)  # type: ignore[arg-type]
+                if way == "pool":
+                    row["pool_size"] = phase_conf["pool_size"]
+                if note:
+                    row["note"] = note
                 row["loadavg_before"] = loadavg
                 row["quick"] = is_quick()
                 row["python"] = platform.python_version()
