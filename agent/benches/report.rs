@@ -680,7 +680,8 @@ fn python_details(md: &mut String, data: &Data) {
     let _ = writeln!(
         md,
         "What a trading script pays, from its own side: script processes (1, then many) each send 3 metrics then 1 \
-         trade, over and over, for {secs:.0} s per case (then until what they sent is durable), with at most {} events per process not yet durable. (a) the \
+         trade, over and over, for {secs:.0} s per case (then until what they sent is durable), with at most {} events \
+         per process not yet acked in (c) (100 and 500 not yet written in (a) and (b), enough for their flushers). (a) the \
          scripts' old `TelemetryStorage`: `metric()` puts the event on a queue, one flusher thread writes each row with \
          an autocommit INSERT (mysql.connector) and each metric with an HSET (redis-py); (b) the review's fix: the \
          same queue, 5 flusher threads over a mysql.connector pool of 5, one 50-row INSERT per table and commit, the \
@@ -690,7 +691,7 @@ fn python_details(md: &mut String, data: &Data) {
          own user+sys (their background threads included) per event; `metric()` p50/p99 is the wall time of the \
          call (what the trading loop pays), pooled over the processes; agent CPU is the agent's user+sys per acked \
          event (ingest, WAL, both sinks). Python {}, mysql-connector-python {}.\n",
-        first.and_then(|r| num(r, "window")).map_or("?".into(), thousands),
+        data.all("python").find(|r| r["way"] == "client").and_then(|r| num(r, "window")).map_or("?".into(), thousands),
         first.and_then(|r| r["python"].as_str()).unwrap_or("?"),
         first.and_then(|r| r["mysql_connector"].as_str()).unwrap_or("?"),
     );
@@ -708,9 +709,11 @@ fn python_details(md: &mut String, data: &Data) {
             let vs_old =
                 |k: &str| old.and_then(|a| num(a, k)).zip(num(r, k)).map_or("-".to_string(), |(a, v)| ratio(v, a));
             let name = match way {
-                "old" => "(a) old way: queue, autocommit INSERT per row, HSET per metric",
-                "pool" => "(b) pool of 5, 50-row INSERTs, redis-py pool",
-                _ => "(c) Python client → agent (acked)",
+                "old" => "(a) old way: queue, autocommit INSERT per row, HSET per metric".to_string(),
+                "pool" => {
+                    format!("(b) pool of {:.0}, 50-row INSERTs, redis-py pool", num(r, "pool_size").unwrap_or(5.0))
+                }
+                _ => "(c) Python client → agent (acked)".to_string(),
             };
             let _ = writeln!(
                 md,
@@ -729,16 +732,37 @@ fn python_details(md: &mut String, data: &Data) {
         }
     }
     let _ = writeln!(md);
+    let way_letter = |r: &Value| match r["way"].as_str() {
+        Some("old") => "(a)",
+        Some("pool") => "(b)",
+        Some("client") => "(c)",
+        _ => "?",
+    };
     for r in data.all("python") {
         if let Some(note) = r["note"].as_str() {
-            let _ = writeln!(
-                md,
-                "Note, {} with {:.0} processes: {note}.\n",
-                r["way"].as_str().unwrap_or("?"),
-                num(r, "processes").unwrap_or(0.0)
-            );
+            let _ = writeln!(md, "Note, {} with {:.0} processes: {note}.\n", way_letter(r), g0(r, "processes"));
         }
     }
+    // (a) and (b) count rows in MySQL; (c) counts acks (in the agent's WAL): how far behind MySQL was.
+    let lags: Vec<String> = data
+        .all("python")
+        .filter(|r| r["way"] == "client")
+        .filter_map(|r| {
+            Some(format!("{:.1} s with {}", num(r, "sink_catch_up_s")?, plural(g0(r, "processes"), "process")))
+        })
+        .collect();
+    if !lags.is_empty() {
+        let _ = writeln!(
+            md,
+            "(c) counts events acked (durable in the agent's WAL), (a) and (b) rows committed to MySQL. The agent's \
+             MySQL sink had every acked event in MySQL {} after the last ack.\n",
+            lags.join(", ")
+        );
+    }
+}
+
+fn g0(v: &Value, key: &str) -> f64 {
+    num(v, key).unwrap_or(0.0)
 }
 
 /// Plots `mysql-outage.csv`; `Ok(None)` without one, else whether text was drawn.

@@ -721,8 +721,9 @@ def run_phase(way: str, processes: int, conf: Dict[str, Any], tmp: Path, agent: 
     return row
 
 
-def wait_for_sink(db: Database, expected: int) -> None:
-    """After a client phase: let the agent's MySQL sink write what it acked before the next phase measures."""
+def wait_for_sink(db: Database, expected: int) -> Optional[float]:
+    """After a client phase: let the agent's MySQL sink write what it acked before the next phase measures.
+    Returns how long that took (None: not within CATCH_UP_SECS)."""
     started = time.monotonic()
     rows = db.rows()
     while rows < expected and time.monotonic() - started < CATCH_UP_SECS:
@@ -731,8 +732,9 @@ def wait_for_sink(db: Database, expected: int) -> None:
     took = time.monotonic() - started
     if rows < expected:
         progress(f"  the agent's MySQL sink has {rows} of {expected} rows after {took:.0f} s; going on anyway")
-    else:
-        progress(f"  the agent's MySQL sink caught up ({rows} rows) {took:.1f} s after the last ack")
+        return None
+    progress(f"  the agent's MySQL sink caught up ({rows} rows) {took:.1f} s after the last ack")
+    return took
 
 
 def fmt_int(value: float) -> str:
@@ -897,7 +899,7 @@ def main() -> int:
                     + (f"; not acked {row['not_acked']}" if way == "client" and row["not_acked"] else "")
                 )
                 if way == "client":
-                    wait_for_sink(db, row["agent_acked_total"])
+                    row["sink_catch_up_s"] = wait_for_sink(db, row["agent_acked_total"])
     finally:
         if agent is not None:
             agent.stop()
