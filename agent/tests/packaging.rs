@@ -93,12 +93,33 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
         "systemd/system/telemetry-agent.service",
         "./usr/share/doc/telemetry-agent/README.md",
         "./usr/share/doc/telemetry-agent/dashboards.md",
+        "./usr/share/doc/telemetry-agent/spool.md",
+        // The scripts' client: `import telemetry_agent` after apt install.
+        "./usr/lib/python3/dist-packages/telemetry_agent/__init__.py",
+        "./usr/lib/python3/dist-packages/telemetry_agent/client.py",
+        "./usr/lib/python3/dist-packages/telemetry_agent/py.typed",
     ] {
         assert!(contents.contains(path), "{path} missing from the package:\n{contents}");
     }
     let info = dpkg(&["-I"]);
     assert!(info.contains("Package: telemetry-agent") && info.contains("adduser"), "{info}");
 
+    // The packaged client imports from where the package puts it.
+    let root = tempfile::tempdir().unwrap();
+    assert!(std::process::Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root.path()).status().unwrap().success());
+    let imported = std::process::Command::new("python3")
+        .args(["-c", "import telemetry_agent, sys; print(telemetry_agent.Client.__name__)"])
+        .env("PYTHONPATH", root.path().join("usr/lib/python3/dist-packages"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&imported.stdout).trim(),
+        "Client",
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml")).unwrap();
     let control = tempfile::tempdir().unwrap();
     let extracted = std::process::Command::new("dpkg-deb").arg("-e").arg(&deb).arg(control.path()).status().unwrap();
     assert!(extracted.success());
@@ -108,6 +129,9 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     assert!(postinst.contains("adduser --system") && postinst.contains("addgroup --system telemetry"), "{postinst}");
     // The scripts' group the packaged config gives the socket to (tests/access.rs runs that setup).
     assert!(postinst.contains("addgroup --system telemetry-clients"), "{postinst}");
+    // The spool the packaged config names (tests/access.rs drains one made this way as two real users).
+    assert!(postinst.contains("-m 3730 /var/spool/telemetry-agent"), "{postinst}");
+    assert!(example.contains("dir = \"/var/spool/telemetry-agent\""), "{example}");
     assert!(
         postinst.contains("deb-systemd-helper") || postinst.contains("systemctl"),
         "units not enabled:\n{postinst}"
@@ -118,7 +142,6 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     assert!(read("prerm").contains("telemetry-agent.service"), "the service is not stopped on removal");
 
     // The packaged config is the example, and it works as is with the unit's paths.
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml")).unwrap();
     assert!(example.contains("/run/telemetry-agent/agent.sock") && example.contains("/var/lib/telemetry-agent/wal"));
 }
 

@@ -59,7 +59,10 @@ class Agent:
             f'[ingest]\nsocket = "{self.socket}"\n{ingest}'
             f'[wal]\ndir = "{dir / "wal"}"\nretain_secs = 0\n'
             f"[http]\nenabled = false\n"
-            f'[control]\nsocket = "{dir / "control.sock"}"\n' + extra
+            f'[control]\nsocket = "{dir / "control.sock"}"\n'
+            # Without a [spool] of the test's, the agent's default (./data/spool) would be in the checkout.
+            + ("" if "[spool]" in extra else f'[spool]\ndir = "{dir / "agent-spool"}"\n')
+            + extra
         )
         self.process: Optional[subprocess.Popen] = None
 
@@ -91,6 +94,10 @@ class Agent:
                 probe.close()
 
         wait_until("the agent listens", 20, listening, 0.02)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
 
     def kill9(self) -> None:
         assert self.process is not None

@@ -34,14 +34,14 @@ for i in range(int(count)):
 
 
 def record(at_exit: bool) -> None:
-    with open(out_path, "w") as out:
-        for pending in pendings:
-            out.write(json.dumps({"status": pending.status, "line": pending.line.decode()}) + "\n")
     if at_exit:
         # Runs before the client's own exit handler (atexit is last in, first out): shows what was still
         # waiting when the script ended.
         with open(out_path + ".stats", "w") as out:
             json.dump(client.stats(), out)
+    with open(out_path, "w") as out:
+        for pending in pendings:
+            out.write(json.dumps({"status": pending.status, "line": pending.line.decode()}) + "\n")
 
 
 if mode == "close":
