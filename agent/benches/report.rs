@@ -485,6 +485,17 @@ fn python_rows(data: &Data, rows: &mut Vec<Row>) {
                     target: format!("≥ 50,000/s: {}", verdict(rate >= 50_000.0)),
                 });
             }
+            // The same client to an agent without sinks: what the client and the WAL sustain when MariaDB and the
+            // sinks do not share the two cores.
+            if let Some(rate) = python_row(data, "acks", 1.0).and_then(|d| num(d, "events_per_sec")) {
+                rows.push(Row {
+                    area: "Python client, one process, acked events/s, agent without sinks".into(),
+                    measured: format!("{} acked events/s", thousands(rate)),
+                    against: "target 50,000/s".into(),
+                    ratio: ratio(rate, 50_000.0),
+                    target: format!("≥ 50,000/s: {}", verdict(rate >= 50_000.0)),
+                });
+            }
         }
     }
 }
@@ -686,7 +697,8 @@ fn python_details(md: &mut String, data: &Data) {
          an autocommit INSERT (mysql.connector) and each metric with an HSET (redis-py); (b) the review's fix: the \
          same queue, 5 flusher threads over a mysql.connector pool of 5, one 50-row INSERT per table and commit, the \
          HSETs pipelined over a redis-py pool; (c) `telemetry_agent.Client` sending to the release agent (MySQL and \
-         Redis sinks on), counting only events whose `Pending.wait()` said acked. Events/s are durable events (rows \
+         Redis sinks on), counting only events whose `Pending.wait()` said acked; (d) the same to an agent without \
+         sinks (what the client and the WAL sustain when the sinks and MariaDB do not share the cores). Events/s are durable events (rows \
          committed, or acked) over the whole span, summed over the processes; script CPU is the script processes' \
          own user+sys (their background threads included) per event; `metric()` p50/p99 is the wall time of the \
          call (what the trading loop pays), pooled over the processes; agent CPU is the agent's user+sys per acked \
@@ -703,7 +715,7 @@ fn python_details(md: &mut String, data: &Data) {
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for p in python_processes(data) {
         let old = python_row(data, "old", p);
-        for way in ["old", "pool", "client"] {
+        for way in ["old", "pool", "client", "acks"] {
             let Some(r) = python_row(data, way, p) else { continue };
             let g = |k| num(r, k).unwrap_or(0.0);
             let vs_old =
@@ -713,7 +725,8 @@ fn python_details(md: &mut String, data: &Data) {
                 "pool" => {
                     format!("(b) pool of {:.0}, 50-row INSERTs, redis-py pool", num(r, "pool_size").unwrap_or(5.0))
                 }
-                _ => "(c) Python client → agent (acked)".to_string(),
+                "client" => "(c) Python client → agent (acked)".to_string(),
+                _ => "(d) Python client → agent without sinks (acked)".to_string(),
             };
             let _ = writeln!(
                 md,
@@ -736,6 +749,7 @@ fn python_details(md: &mut String, data: &Data) {
         Some("old") => "(a)",
         Some("pool") => "(b)",
         Some("client") => "(c)",
+        Some("acks") => "(d)",
         _ => "?",
     };
     for r in data.all("python") {

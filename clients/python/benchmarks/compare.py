@@ -61,13 +61,17 @@ AGENT_BIN = os.environ.get("TELEMETRY_AGENT_BIN") or str(
     Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release" / "telemetry-agent"
 )
 
-WAYS = ("old", "pool", "client")
+WAYS = ("old", "pool", "client", "acks")
+# The ways that send through the client, each to its own agent: with MySQL and Redis sinks on, or with none (what
+# the client and the agent's WAL alone sustain; the sinks then take the same CPU later, or on another host).
+CLIENT_WAYS = ("client", "acks")
 LABELS = {
     "old": "(a) old way: queue + 1 flusher, autocommit INSERT per row, HSET per metric",
     "pool": "(b) review's fix: pool of 5, 50-row INSERTs, pipelined HSETs over a redis-py pool",
     "client": "(c) telemetry_agent.Client to the agent (acked events)",
+    "acks": "(d) the same to an agent without sinks (acked events: the client's and the WAL's ceiling)",
 }
-SHORT = {"old": "(a) old", "pool": "(b) pool", "client": "(c) client"}
+SHORT = {"old": "(a) old", "pool": "(b) pool", "client": "(c) client", "acks": "(d) client, no sinks"}
 METRIC_NAMES = (
     "equity",
     "pnl",
@@ -419,7 +423,7 @@ class ClientSender(Sender):
 
 
 def make_sender(way: str, conf: Dict[str, Any]) -> Sender:
-    if way == "client":
+    if way in CLIENT_WAYS:
         return ClientSender(conf["socket"], conf["spool_dir"])
     args = (conf["mysql"], conf["database"], conf["redis_url"], conf["redis_prefix"])
     if way == "old":
@@ -512,7 +516,9 @@ def worker(conf: Dict[str, Any]) -> None:
 
 
 class Agent:
-    def __init__(self, dir: Path, database_url: str, redis_prefix: str) -> None:
+    def __init__(self, dir: Path, database_url: Optional[str], redis_prefix: str) -> None:
+        """`database_url` None: an agent without sinks."""
+        dir.mkdir(parents=True, exist_ok=True)
         self.dir = dir
         self.socket = str(dir / "agent.sock")
         self.spool_dir = dir / "spool"
@@ -526,8 +532,12 @@ class Agent:
             "[http]\nenabled = false\n"
             f"[control]\nsocket = {json.dumps(str(dir / 'control.sock'))}\n"
             f"[spool]\ndir = {json.dumps(str(self.spool_dir))}\n"
-            f"[mysql]\nurl = {json.dumps(database_url)}\n"
-            f"[redis]\nurl = {json.dumps(REDIS_URL)}\nkey_prefix = {json.dumps(redis_prefix)}\n"
+            + (
+                ""
+                if database_url is None
+                else f"[mysql]\nurl = {json.dumps(database_url)}\n"
+                f"[redis]\nurl = {json.dumps(REDIS_URL)}\nkey_prefix = {json.dumps(redis_prefix)}\n"
+            )
         )
         self.log_path = dir / "agent.log"
         self.process: Optional[subprocess.Popen] = None
@@ -645,7 +655,7 @@ def load_samples(paths: List[Path]) -> List[int]:
     return sorted(values)
 
 
-def run_phase(way: str, processes: int, conf: Dict[str, Any], tmp: Path, agent: Agent) -> Dict[str, Any]:
+def run_phase(way: str, processes: int, conf: Dict[str, Any], tmp: Path, agent: Optional[Agent]) -> Dict[str, Any]:
     children: List[subprocess.Popen] = []
     samples = []
     try:
@@ -667,7 +677,7 @@ def run_phase(way: str, processes: int, conf: Dict[str, Any], tmp: Path, agent: 
             if line != "ready":
                 child.wait(30)
                 raise RuntimeError(f"a {way} worker did not start (exit {child.returncode}): {line!r}")
-        agent_cpu0 = agent.cpu_seconds()
+        agent_cpu0 = agent.cpu_seconds() if agent else 0.0
         start = time.time() + 0.2
         for child in children:
             assert child.stdin is not None
@@ -681,7 +691,7 @@ def run_phase(way: str, processes: int, conf: Dict[str, Any], tmp: Path, agent: 
             if code != 0 or not line:
                 raise RuntimeError(f"a {way} worker failed (exit {code}); see its stderr above")
             results.append(json.loads(line))
-        agent_cpu = agent.cpu_seconds() - agent_cpu0
+        agent_cpu = (agent.cpu_seconds() if agent else 0.0) - agent_cpu0
     finally:
         for child in children:
             if child.poll() is None:
@@ -710,7 +720,7 @@ def run_phase(way: str, processes: int, conf: Dict[str, Any], tmp: Path, agent: 
         "not_acked": sum(r["other"] for r in results),
         "window": conf["window"],
     }
-    if way == "client":
+    if way in CLIENT_WAYS:
         row["agent_cpu_us_per_event"] = agent_cpu * 1e6 / events if events else None
         stats = [r.get("client_stats", {}) for r in results]
         row["agent_acked_total"] = sum(s.get("acked", 0) for s in stats)
@@ -780,7 +790,7 @@ def targets(rows: List[Dict[str, Any]]) -> List[str]:
         return "met" if met else "NOT met"
 
     for (way, processes), r in sorted(by.items(), key=lambda kv: kv[0][1]):
-        if way != "client":
+        if way not in CLIENT_WAYS:
             continue
         p99 = r["call_p99_us"]
         lines.append(
@@ -822,7 +832,7 @@ def main() -> int:
     if unknown:
         print(f"python bench: unknown way(s) {unknown}; choose from {WAYS}", file=sys.stderr)
         return 2
-    if "client" in ways and not os.access(AGENT_BIN, os.X_OK):
+    if set(ways) & set(CLIENT_WAYS) and not os.access(AGENT_BIN, os.X_OK):
         print(
             f"python bench: no agent binary at {AGENT_BIN}: cargo build --release -p telemetry-agent "
             "(or set TELEMETRY_AGENT_BIN)",
@@ -840,23 +850,24 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-py-"))
     redis_prefix = f"bench_py_{secrets.token_hex(4)}"
     db: Optional[Database] = None
-    agent: Optional[Agent] = None
+    agents: Dict[str, Agent] = {}
     rows: List[Dict[str, Any]] = []
     try:
         db = Database()
         db.migrate(tmp)
         progress(f"database {db.name}, Redis prefix {redis_prefix}:, temp dir {tmp}")
-        if "client" in ways:
-            agent = Agent(tmp, db.url, redis_prefix)
-            agent.start()
-            progress(f"agent {AGENT_BIN} running (MySQL and Redis sinks on)")
+        for way in CLIENT_WAYS:
+            if way in ways:
+                agents[way] = Agent(tmp / f"agent-{way}", db.url if way == "client" else None, redis_prefix)
+                agents[way].start()
+                progress(
+                    f"agent for {SHORT[way]} running ({'MySQL and Redis sinks on' if way == 'client' else 'no sinks'})"
+                )
         conf = {
             "mysql": db.params,
             "database": db.name,
             "redis_url": REDIS_URL,
             "redis_prefix": redis_prefix,
-            "socket": agent.socket if agent else "",
-            "spool_dir": str(agent.spool_dir) if agent else "",
             "secs": secs,
         }
         phase, phases = 0, len(procs) * len(ways)
@@ -866,6 +877,9 @@ def main() -> int:
                 db.truncate()
                 loadavg = os.getloadavg()[0]
                 phase_conf = dict(conf, window=QUEUED_WINDOWS.get(way, window), pool_size=POOL_SIZE)
+                agent = agents.get(way)
+                if agent is not None:
+                    phase_conf.update(socket=agent.socket, spool_dir=str(agent.spool_dir))
                 note = ""
                 if way == "pool":
                     # 30 scripts with a pool of 5 each need 150 connections: MariaDB's default max_connections
@@ -880,7 +894,7 @@ def main() -> int:
                         )
                         progress(f"  {note}")
                 progress(f"phase {phase}/{phases}: {LABELS[way]}, {processes} process(es), {secs:g} s ...")
-                row = run_phase(way, processes, phase_conf, tmp, agent)  # type: ignore[arg-type]
+                row = run_phase(way, processes, phase_conf, tmp, agent)
                 if way == "pool":
                     row["pool_size"] = phase_conf["pool_size"]
                 if note:
@@ -896,12 +910,12 @@ def main() -> int:
                     f"  {fmt_int(row['events'])} events in {row['secs']:.1f} s = {fmt_int(row['events_per_sec'])}/s; "
                     f"CPU {'-' if cpu is None else f'{cpu:.1f}'} µs/event; metric() p50 {row['call_p50_us']:.1f} µs, "
                     f"p99 {row['call_p99_us']:.1f} µs"
-                    + (f"; not acked {row['not_acked']}" if way == "client" and row["not_acked"] else "")
+                    + (f"; not acked {row['not_acked']}" if way in CLIENT_WAYS and row["not_acked"] else "")
                 )
                 if way == "client":
                     row["sink_catch_up_s"] = wait_for_sink(db, row["agent_acked_total"])
     finally:
-        if agent is not None:
+        for agent in agents.values():
             agent.stop()
         if db is not None:
             try:
