@@ -184,7 +184,7 @@ fn render(data: &Data, plotted: bool) -> String {
     let _ = writeln!(md, "## How this was produced\n");
     let _ = writeln!(
         md,
-        "```sh\nscripts/bench.sh                  # full run (about 5-10 min here)\nBENCH_QUICK=1 scripts/bench.sh    # smoke test (about 3-5 min)\n```\n"
+        "```sh\nscripts/bench.sh                  # full run (about 10-12 min here)\nBENCH_QUICK=1 scripts/bench.sh    # smoke test (about 4-5 min)\n```\n"
     );
     let _ = writeln!(
         md,
