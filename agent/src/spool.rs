@@ -31,7 +31,9 @@ pub const DEAD_LETTER_SINK: &str = "spool";
 const SPOOL_SUFFIX: &str = ".spool";
 /// A refused file is renamed with this added, so the log reports it once.
 const REFUSED_SUFFIX: &str = ".refused";
-/// A lost notification (inotify's queue overflowed, say) is made up for by a scan this often.
+/// Notified paths waiting for the drain; beyond it, the next pass scans the directory.
+const CHANGED_QUEUE: usize = 4096;
+/// A lost notification is made up for by a scan this often (or at once when notify says it lost some).
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// After the WAL refused events (full), the next attempt waits this long, doubling up to the rescan interval.
 const RETRY_INITIAL: Duration = Duration::from_secs(1);
@@ -40,6 +42,8 @@ const BATCH_EVENTS: usize = 1024;
 /// Invalid lines of one file kept as dead letters (each one a sync); the rest are counted in the log. A file
 /// of garbage must not turn into millions of syncs.
 const MAX_DEAD_LETTERS_PER_FILE: u64 = 100;
+/// Lines read between checks for a stop, whatever they hold.
+const STOP_CHECK_LINES: u64 = 4096;
 /// The bytes of an invalid line kept in its dead letter.
 const DEAD_LETTER_LINE_BYTES: usize = 4096;
 
@@ -104,8 +108,10 @@ impl SpoolDrain {
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(dir = %dir.display(), error = %e, "cannot create the spool directory");
         }
-        let (changed_tx, mut changed) = mpsc::unbounded_channel::<PathBuf>();
-        let _watcher = match watch_dir(&dir, changed_tx) {
+        let (changed_tx, mut changed) = mpsc::channel::<PathBuf>(CHANGED_QUEUE);
+        // Set when a notification was lost (inotify's queue, or ours, overflowed): the next pass scans.
+        let lost = Arc::new(AtomicBool::new(false));
+        let _watcher = match watch_dir(&dir, changed_tx, lost.clone()) {
             Ok(watcher) => Some(watcher),
             Err(e) => {
                 tracing::warn!(dir = %dir.display(), error = %e, "the spool directory is not watched; it is scanned every 30 s");
@@ -113,13 +119,14 @@ impl SpoolDrain {
             }
         };
         let stopping = Arc::new(AtomicBool::new(false));
-        let mut drainer = Some(Drainer { spool: self, resume: HashMap::new(), last_dead_letter: 0 });
+        let mut drainer =
+            Some(Drainer { spool: self, resume: HashMap::new(), last_dead_letter: None, unrenamable: BTreeSet::new() });
         let mut retry = RETRY_INITIAL;
         let mut next_scan = Instant::now();
         let mut wanted: BTreeSet<PathBuf> = BTreeSet::new();
         let mut stopped = false;
         while !stopped {
-            let scan = Instant::now() >= next_scan;
+            let scan = Instant::now() >= next_scan || lost.swap(false, Ordering::Relaxed);
             if scan || !wanted.is_empty() {
                 let Some(mut drain) = drainer.take() else { break };
                 let paths = std::mem::take(&mut wanted);
@@ -174,21 +181,32 @@ impl SpoolDrain {
     }
 }
 
-/// Watches `dir` for files closed after writing, created or moved in; sends their paths.
-fn watch_dir(dir: &Path, changed: mpsc::UnboundedSender<PathBuf>) -> notify::Result<notify::RecommendedWatcher> {
+/// Watches `dir` for files closed after writing or moved in, and sends their paths. (Not for files created:
+/// a new file is empty and its writer is about to lock it.) A lost notification sets `lost`.
+fn watch_dir(
+    dir: &Path,
+    changed: mpsc::Sender<PathBuf>,
+    lost: Arc<AtomicBool>,
+) -> notify::Result<notify::RecommendedWatcher> {
     use notify::event::{AccessKind, AccessMode, ModifyKind};
     use notify::{EventKind, Watcher};
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
-        let Ok(event) = result else { return };
+        let event = match result {
+            Ok(event) if !event.need_rescan() => event,
+            _ => {
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
         let finished = matches!(
             event.kind,
-            EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Create(_)
-                | EventKind::Modify(ModifyKind::Name(_))
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Modify(ModifyKind::Name(_))
         );
         if finished {
             for path in event.paths {
-                let _ = changed.send(path);
+                if changed.try_send(path).is_err() {
+                    lost.store(true, Ordering::Relaxed);
+                }
             }
         }
     })?;
@@ -198,10 +216,12 @@ fn watch_dir(dir: &Path, changed: mpsc::UnboundedSender<PathBuf>) -> notify::Res
 
 struct Drainer {
     spool: SpoolDrain,
-    /// Lines already durable in the WAL, by (device, inode), of files the WAL stopped taking midway.
-    resume: HashMap<(u64, u64), u64>,
+    /// Lines already durable in the WAL, of files the WAL stopped taking midway.
+    resume: HashMap<FileKey, u64>,
     /// The key of the last dead letter written: keys are microseconds, made unique.
-    last_dead_letter: u64,
+    last_dead_letter: Option<u64>,
+    /// Refused files that could not be renamed: skipped, so the log says it once.
+    unrenamable: BTreeSet<PathBuf>,
 }
 
 impl Drainer {
@@ -221,10 +241,19 @@ impl Drainer {
             // Only names directly in the directory: a notification is never a way to read elsewhere.
             named.into_iter().filter(|p| p.parent() == Some(dir.as_path()) && is_spool_name(p)).collect()
         };
+        if scan {
+            // Entries of files no longer there (deleted by their owner, say) would only grow the map.
+            let present: std::collections::HashSet<(u64, u64)> =
+                paths.iter().filter_map(|p| std::fs::symlink_metadata(p).ok()).map(|m| (m.dev(), m.ino())).collect();
+            self.resume.retain(|key, _| present.contains(&(key.dev, key.ino)));
+        }
         let mut deferred = false;
         for path in paths {
             if stopping.load(Ordering::Relaxed) {
                 break;
+            }
+            if self.unrenamable.contains(&path) {
+                continue;
             }
             let started = Instant::now();
             let file = file_name(&path);
@@ -241,12 +270,16 @@ impl Drainer {
                 }
                 Outcome::Busy | Outcome::Gone => {}
                 Outcome::Refused(reason) => {
-                    METRICS.spool_files_refused.inc();
                     let renamed = path.with_file_name(format!("{file}{REFUSED_SUFFIX}"));
                     let kept = match std::fs::rename(&path, &renamed) {
                         Ok(()) => format!("renamed {}", file_name(&renamed)),
-                        Err(e) => format!("could not be renamed: {e}"),
+                        Err(e) => {
+                            // Said once: it stays where it is, and later passes skip it.
+                            self.unrenamable.insert(path.clone());
+                            format!("could not be renamed ({e}); left as it is")
+                        }
                     };
+                    METRICS.spool_files_refused.inc();
                     tracing::error!(file, reason, kept, "spool file refused; nothing of it was ingested");
                 }
                 Outcome::Deferred(reason) => {
@@ -274,9 +307,11 @@ impl Drainer {
             Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
                 return Outcome::Refused("a symbolic link".into());
             }
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                return Outcome::Refused(format!("not readable by the agent ({e}); writers give their files mode 0640 in the spool directory's group"));
+            // A socket (ENXIO) is no writer's file either.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
+                return Outcome::Refused("not a regular file".into())
             }
+            // Perhaps a writer between its create and its fchmod to 0640: we cannot tell, so never refuse it.
             Err(e) => return Outcome::Deferred(format!("cannot open: {e}")),
         };
         let meta = match file.metadata() {
@@ -286,6 +321,19 @@ impl Drainer {
         if !meta.file_type().is_file() {
             return Outcome::Refused("not a regular file".into());
         }
+        // Only a file whose lock we hold may be judged further (and renamed): a live writer would go on writing
+        // into a renamed file that nobody drains.
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Outcome::Busy,
+            Err((_, e)) => return Outcome::Deferred(format!("cannot lock: {e}")),
+        };
+        // Its size now that no writer holds it: what we read (a script appending without the lock cannot keep
+        // the drain busy).
+        let meta = match lock.metadata() {
+            Ok(meta) => meta,
+            Err(e) => return Outcome::Deferred(format!("cannot stat: {e}")),
+        };
         if meta.nlink() != 1 {
             // A hard link to a file elsewhere (the WAL's, say) would be read with the agent's rights.
             return Outcome::Refused(format!("hard-linked ({} names)", meta.nlink()));
@@ -297,15 +345,10 @@ impl Drainer {
                 self.spool.max_file_bytes
             ));
         }
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Outcome::Busy,
-            Err((_, e)) => return Outcome::Deferred(format!("cannot lock: {e}")),
-        };
-        let key = (meta.dev(), meta.ino());
+        let key = FileKey::of(&meta);
         let done_before = self.resume.get(&key).copied().unwrap_or(0);
         let name = file_name(path);
-        let drained = self.ingest(&lock, &name, done_before, stopping);
+        let drained = self.ingest(&lock, meta.len(), &name, done_before, stopping);
         match drained {
             Ingested::All { events, refused } => {
                 self.resume.remove(&key);
@@ -314,7 +357,7 @@ impl Drainer {
                 // Deleted while we still hold the lock: a writer that opened the name meanwhile sees the inode
                 // change and starts a new file. The name must still be this file (a script may rename its own).
                 match std::fs::symlink_metadata(path) {
-                    Ok(now) if (now.dev(), now.ino()) == key => {
+                    Ok(now) if (now.dev(), now.ino()) == (key.dev, key.ino) => {
                         if let Err(e) = std::fs::remove_file(path) {
                             tracing::error!(file = name, error = %e, "cannot delete a drained spool file; it will be drained again (harmless, by event id)");
                         }
@@ -331,22 +374,41 @@ impl Drainer {
     }
 
     /// Appends the file's events from line `skip + 1` on; every appended event is durable when this returns.
-    fn ingest(&mut self, file: &File, name: &str, skip: u64, stopping: &AtomicBool) -> Ingested {
+    fn ingest(&mut self, file: &File, len: u64, name: &str, skip: u64, stopping: &AtomicBool) -> Ingested {
         let max_line_bytes = self.spool.max_line_bytes;
-        let mut reader = BufReader::with_capacity(64 * 1024, file);
+        let mut reader = BufReader::with_capacity(64 * 1024, file.take(len));
         let mut line = Vec::new();
         let mut line_no = 0u64;
-        let mut batch: Vec<Pending> = Vec::with_capacity(BATCH_EVENTS);
+        // Appended events with their line numbers.
+        let mut batch: Vec<(u64, Pending)> = Vec::with_capacity(BATCH_EVENTS);
         // Lines up to this one are durable or refused.
         let mut settled = skip;
         let (mut events, mut refused) = (0u64, 0u64);
-        let finish_batch = |batch: &mut Vec<Pending>, settled: &mut u64, upto: u64| -> Result<(), String> {
-            for pending in batch.drain(..) {
-                pending.blocking_durable().map_err(|e| describe_wal_error(&e))?;
-                METRICS.spool_events.inc();
+        // Waits for the batch; lines up to `upto` are settled, or, after a refusal, those before the first refused
+        // event (the WAL refuses in order: those after it were refused too, and are tried again).
+        let finish_batch = |batch: &mut Vec<(u64, Pending)>, settled: &mut u64, upto: u64| -> Result<(), String> {
+            let mut failure = None;
+            for (line, pending) in batch.drain(..) {
+                match pending.blocking_durable() {
+                    Ok(_) if failure.is_none() => {
+                        METRICS.spool_events.inc();
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if failure.is_none() {
+                            *settled = line - 1;
+                            failure = Some(describe_wal_error(&e));
+                        }
+                    }
+                }
             }
-            *settled = upto;
-            Ok(())
+            match failure {
+                Some(reason) => Err(reason),
+                None => {
+                    *settled = upto;
+                    Ok(())
+                }
+            }
         };
         loop {
             line.clear();
@@ -376,7 +438,7 @@ impl Drainer {
             match valid {
                 Ok(payload) => match self.spool.appender.blocking_append(payload) {
                     Ok(pending) => {
-                        batch.push(pending);
+                        batch.push((line_no, pending));
                         events += 1;
                     }
                     Err(e) => {
@@ -394,9 +456,14 @@ impl Drainer {
                         }
                         tracing::warn!(file = name, line = line_no, error, "invalid spool line kept as a dead letter");
                     }
+                    if batch.is_empty() {
+                        // Settled: a retry after a full WAL must not keep it again.
+                        settled = line_no;
+                    }
                 }
             }
-            if batch.len() >= BATCH_EVENTS {
+            // A batch is full, or many lines were refused: a stop does not wait for the rest of a large file.
+            if batch.len() >= BATCH_EVENTS || line_no % STOP_CHECK_LINES == 0 {
                 if let Err(reason) = finish_batch(&mut batch, &mut settled, line_no) {
                     return Ingested::Partly { lines_done: settled, reason };
                 }
@@ -437,15 +504,45 @@ impl Drainer {
 
     fn dead_letter(&mut self, file: &str, line_no: u64, error: &str, line: &[u8]) -> Result<(), WalError> {
         let kept = &line[..line.len().min(DEAD_LETTER_LINE_BYTES)];
-        // Keyed by time, so they list in order; the same key would replace an earlier letter.
-        self.last_dead_letter = u64::try_from(now_us()).unwrap_or(0).max(self.last_dead_letter + 1);
+        // Keyed by time, so they list in order; the same key would replace an earlier letter, also one of an
+        // earlier run (the clock may have stepped back).
+        let last = match self.last_dead_letter {
+            Some(last) => last,
+            None => {
+                let letters = self.spool.wal.dead_letters()?;
+                letters.iter().filter(|l| l.sink == DEAD_LETTER_SINK).map(|l| l.seq).max().unwrap_or(0)
+            }
+        };
+        let key = u64::try_from(now_us()).unwrap_or(0).max(last + 1);
+        self.last_dead_letter = Some(key);
         self.spool.wal.add_dead_letter(&DeadLetter {
             sink: DEAD_LETTER_SINK.to_string(),
-            seq: self.last_dead_letter,
+            seq: key,
             error: format!("{file}:{line_no}: {error}"),
             at_ms: now_ms(),
             payload: kept.to_vec(),
         })
+    }
+}
+
+/// A finished spool file, as it was when its lock was taken: a handed-over file never changes, so a file with
+/// the same key is the same file (an inode number alone is reused once a file is deleted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> FileKey {
+        FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
     }
 }
 
@@ -471,7 +568,7 @@ enum Line {
 }
 
 /// Reads one line into `line` (without its newline), keeping at most `max` bytes of it.
-fn read_line(reader: &mut BufReader<&File>, line: &mut Vec<u8>, max: usize) -> io::Result<Line> {
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> io::Result<Line> {
     let n = reader.by_ref().take(max as u64 + 1).read_until(b'\n', line)?;
     if n == 0 {
         return Ok(Line::End);

@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, Agent, TestDb};
+use common::{http_get, metric, Agent, FaultProxy, TestDb};
 
 fn spool_line(profile: &str, name: &str, value: f64, event_id: &str) -> String {
     format!(
@@ -152,12 +152,24 @@ fn bad_and_hostile_spool_content_is_contained() {
     write_file(&dir.join("sub.d").join("nested.spool"), &spool_line("p-bad", "nested", 1.0, "s-nested"));
     write_file(&dir.join("notes.txt"), &spool_line("p-bad", "notes", 1.0, "s-notes"));
 
+    // A live writer's file over the cap is not judged while its writer holds it (renaming it would send the
+    // writer's next lines into a file nobody drains); once handed over, it is refused.
+    let held_big_path = dir.join("held-big.spool");
+    write_file(&held_big_path, &big);
+    let held_big = std::fs::OpenOptions::new().append(true).open(&held_big_path).unwrap();
+    let held_big =
+        nix::fcntl::Flock::lock(held_big, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e).unwrap();
+
     let mut agent = Agent::start(&spool_section(dir, "max_file_bytes = 1048576\n"));
     wait_until("mixed.spool drained", 20, || !dir.join("mixed.spool").exists());
     for name in ["link.spool", "hard.spool", "fifo.spool", "big.spool"] {
         let refused = PathBuf::from(format!("{}.refused", dir.join(name).display()));
         wait_until(&format!("{name} refused"), 20, || std::fs::symlink_metadata(&refused).is_ok());
     }
+    assert!(held_big_path.exists(), "a file its writer still holds was refused");
+    drop(held_big);
+    let refused = PathBuf::from(format!("{}.refused", held_big_path.display()));
+    wait_until("held-big.spool refused once handed over", 20, || refused.exists());
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), spool_line("p-bad", "secret", 9.0, "s-secret"));
     assert!(dir.join("sub.d").join("nested.spool").exists() && dir.join("notes.txt").exists());
     let log = agent.log();
@@ -179,7 +191,7 @@ fn bad_and_hostile_spool_content_is_contained() {
     let status = agent.command(&["status", "--json"], "");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["spool"]["lines_refused"], 3, "{status}");
-    assert_eq!(status["spool"]["files_refused"], 4, "{status}");
+    assert_eq!(status["spool"]["files_refused"], 5, "{status}");
     assert_eq!(status["spool"]["events_ingested"], 2, "{status}");
 
     // The agent kept serving.
@@ -189,4 +201,34 @@ fn bad_and_hostile_spool_content_is_contained() {
         agent.wal_events().iter().filter_map(|(_, e)| e.client_event_id().map(str::to_string)).collect();
     ids.sort();
     assert_eq!(ids, ["s-ok-1", "s-ok-2"]);
+}
+
+#[test]
+fn a_spool_file_larger_than_the_wal_drains_through_a_full_wal_exactly_once() {
+    let db = TestDb::migrated();
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path();
+    // ~100,000 events: several times what a 16 MiB WAL takes before it answers wal_full, so the drain must
+    // resume where the full WAL stopped it (starting over would refill the WAL with the same first lines).
+    const EVENTS: u32 = 100_000;
+    let lines: String = (0..EVENTS).map(|i| spool_line("p-big", "m", f64::from(i), &format!("s-big-{i:06}"))).collect();
+    write_file(&dir.join("big.spool"), &lines);
+    // MySQL away at first: the WAL fills up with the spool's first part and refuses more.
+    let proxy = FaultProxy::start(TestDb::server_addr());
+    proxy.set_down(true);
+    let agent = Agent::start(&format!(
+        "[wal]\nmax_bytes = 16777216\n[mysql]\nurl = {:?}\nmax_linger_ms = 20\nretry_max_ms = 300\n{}",
+        db.url_via(proxy.port),
+        spool_section(dir, "")
+    ));
+    agent.wait_for_log("the WAL is full", 60);
+    assert!(dir.join("big.spool").exists());
+    proxy.set_down(false);
+    wait_until("big.spool drained", 300, || !dir.join("big.spool").exists());
+    db.wait_for_rows("dd_metrics", u64::from(EVENTS), 120);
+    let rows: Vec<(u64, u64, f64)> = db.query("SELECT COUNT(*), COUNT(DISTINCT event_id), SUM(value) FROM dd_metrics");
+    let sum = f64::from(EVENTS) * f64::from(EVENTS - 1) / 2.0;
+    assert_eq!(rows, vec![(u64::from(EVENTS), u64::from(EVENTS), sum)]);
+    // Each line appended once: the drain went on where the full WAL stopped it.
+    assert_eq!(metric_value(&agent, "telemetry_spool_events_total"), f64::from(EVENTS));
 }
