@@ -48,6 +48,40 @@ def test_the_client_follows_the_writer_contract(tmp_path, spool_dir):
         fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # handed over
 
 
+def test_an_idle_client_hands_its_spool_over_when_the_agent_comes_back(agent_factory, db, spool_dir):
+    """A long-running script that spooled a burst while the agent was away, then went quiet: its client keeps
+    trying to connect, and connecting hands the file over, so the events arrive without another event."""
+    agent = agent_factory(agent_sections(db, spool_dir))
+    client = Client(agent.socket, str(spool_dir))
+    try:
+        pendings = [client.metric("p-idle", "m", i) for i in range(20)]
+        assert {p.wait(5).status for p in pendings} == {"spooled"}
+        assert len(spool_files(spool_dir)) == 1
+        agent.start()
+        wait_until("the idle client's spool drained", 30, lambda: not spool_files(spool_dir), 0.1)
+        wait_until("its events in MySQL", 30, lambda: db.count("dd_metrics") == 20, 0.1)
+        assert client.stats()["enqueued"] == 20, "nothing more was sent to make it happen"
+    finally:
+        client.close(5)
+
+
+def test_the_client_starts_a_new_file_past_its_roll_size(tmp_path, spool_dir, monkeypatch):
+    """Files stay below the agent's max_file_bytes: past the roll size the file is handed over."""
+    from telemetry_agent import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "FILE_ROLL_BYTES", 4096)
+    client = Client(str(tmp_path / "absent.sock"), str(spool_dir))
+    try:
+        for _batch in range(5):
+            pendings = [client.metric("p-roll", "m", i, tags={"pad": "x" * 200}) for i in range(10)]
+            assert {p.wait(5).status for p in pendings} == {"spooled"}
+    finally:
+        client.close(1)
+    files = spool_files(spool_dir)
+    assert len(files) >= 2, files
+    assert all((spool_dir / name).stat().st_size <= 4096 + (1 << 20) for name in files)
+
+
 def _run_short_scripts(socket_path: str, spool_dir: Path, out_dir: Path, count: int, events: int) -> list:
     scripts = [
         start_script(

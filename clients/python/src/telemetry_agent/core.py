@@ -230,6 +230,8 @@ class Core:
         self.paused_until = 0.0
         self.retry_backoff = 0.0
         self.spool_blocked_until = 0.0  # the spool is full or failing: keep events in memory until then
+        # A spool file holds events: keep trying to connect even when idle, as connecting hands the file over.
+        self.spool_open = False
         self.driver_sleeping = False
         self.closing = False
         self.closed = False
@@ -359,7 +361,7 @@ class Core:
                 return self._spool_plan(now, final=True) or Plan(Plan.STOP)
         has_work = bool(self.queue or self.retry or self.inflight)
         if not self.connected:
-            if has_work and now >= self.next_connect_at:
+            if (has_work or self.spool_open) and now >= self.next_connect_at:
                 return Plan(Plan.CONNECT)
             if self.unreachable or (self.closing and now >= self.flush_until):
                 spool = self._spool_plan(now, final=False)
@@ -367,7 +369,8 @@ class Core:
                     return spool
             if not has_work:
                 self.driver_sleeping = True
-                return Plan(Plan.WAIT, timeout=self._closing_timeout(now, None))
+                idle = max(0.0, self.next_connect_at - now) if self.spool_open else None
+                return Plan(Plan.WAIT, timeout=self._closing_timeout(now, idle))
             timeout = max(0.0, self.next_connect_at - now)
             if self.spool_blocked_until > now and self.unreachable:
                 timeout = min(timeout, self.spool_blocked_until - now)
@@ -432,6 +435,7 @@ class Core:
         """A SPOOL plan's outcome: `error` None means the group is synced (the events are safe)."""
         self.in_hand = []
         if error is None:
+            self.spool_open = True
             for pending in batch:
                 pending.state = SPOOLED
             self.counters["spooled"] += len(batch)
@@ -444,7 +448,9 @@ class Core:
             self.final_spool_failed = True
 
     def on_connected(self, now: float) -> None:
+        """Connected; the driver has handed its spool file over just before."""
         self.connected = True
+        self.spool_open = False
         self.unreachable = False
         self.connect_backoff = 0.0
         self.spool_blocked_until = 0.0

@@ -9,6 +9,10 @@ import fcntl
 import os
 from typing import List, Optional, Tuple
 
+# A file holding this much is handed over and the next group starts a new one (keep the agent's
+# `[spool] max_file_bytes` above it: it refuses larger files).
+FILE_ROLL_BYTES = 8 << 20
+
 
 class SpoolWriter:
     """Appends groups of protocol lines to this client's current spool file. Not thread-safe: only the
@@ -41,6 +45,9 @@ class SpoolWriter:
                 held = self.bytes_in_use(False)
                 return f"the spool holds {held} bytes of this client (max_spool_bytes {self.max_bytes})"
         try:
+            if self.fd is not None and self.size and self.size + len(data) > FILE_ROLL_BYTES:
+                # Files stay small enough for the agent's [spool] max_file_bytes; a closed one is the agent's.
+                self.hand_over()
             if self.fd is None:
                 self._open()
             assert self.fd is not None
@@ -66,7 +73,12 @@ class SpoolWriter:
             try:
                 # Readable by the agent (through the directory's group) whatever this script's umask.
                 os.fchmod(fd, 0o640)
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    # The agent holds it a moment (it drains and deletes the empty file): start over, new name.
+                    os.close(fd)
+                    continue
                 held = os.fstat(fd)
                 try:
                     named = os.stat(path, follow_symlinks=False)
