@@ -13,18 +13,12 @@ use tokio::net::UnixStream;
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::{self, DeadLetterAction, DumpFilter, Output, Request};
-use crate::config::{mask_url, Config, DurabilityMode};
-use crate::control;
-use crate::event::now_us;
+use crate::config::{mask_url, Config};
+use crate::daemon;
 use crate::forward::{self, ForwardSettings, Forwarder};
-use crate::http;
 use crate::identity::Identity;
-use crate::ingest::{self, IngestContext, Listener};
-use crate::metrics::METRICS;
-use crate::mirror::{self, Mirror};
 use crate::reload;
-use crate::spool::SpoolDrain;
-use telemetry_wal::{Durability, Wal, WalOptions};
+use telemetry_wal::{Wal, WalOptions};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -238,42 +232,6 @@ fn init_logging_at(level: Option<&str>, config: &Config) -> Option<reload::LogLe
     (!from_env).then_some(set)
 }
 
-/// The WAL as `run` opens it.
-fn wal_options(config: &Config) -> WalOptions {
-    let durability = match config.wal.durability {
-        DurabilityMode::Fsync => Durability::Fsync,
-        DurabilityMode::Interval => Durability::Interval { interval_ms: config.wal.flush_interval_ms },
-    };
-    WalOptions {
-        durability,
-        max_bytes: config.wal.max_bytes,
-        cache_bytes: config.wal.cache_bytes,
-        gating_cursors: config.enabled_sinks().into_iter().map(String::from).collect(),
-        // A new WAL starts at the current time in microseconds: seqs then read as times, and a host whose
-        // WAL was wiped never reuses an old seq (generated ids also name the run, see `identity`). `wal
-        // salvage` restarts there too at least, as it cannot tell how far a damaged last chunk reached.
-        first_seq: u64::try_from(now_us()).unwrap_or(1),
-        retain: Duration::from_secs(config.wal.retain_secs),
-    }
-}
-
-/// Opens a WAL; a damaged one is refused with what to do about it.
-fn open_wal(dir: &Path, options: WalOptions, config_path: Option<&Path>) -> anyhow::Result<Wal> {
-    Wal::open(dir, options).map_err(|e| open_error(e, dir, config_path))
-}
-
-fn open_error(e: telemetry_wal::WalError, dir: &Path, config_path: Option<&Path>) -> anyhow::Error {
-    if !matches!(e, telemetry_wal::WalError::Corrupt { .. }) {
-        return e.into();
-    }
-    let config = config_path.map(|p| format!(" --config {}", p.display())).unwrap_or_default();
-    anyhow::anyhow!(
-        "{e}. Nothing was forwarded from it. Run `telemetry-agent wal salvage{config}` to keep every intact record \
-         and go on (what is lost is printed and logged), or move {} aside to start empty",
-        dir.display()
-    )
-}
-
 fn salvage(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     init_logging_at(Some("warn"), &config);
@@ -281,7 +239,7 @@ fn salvage(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     if !dir.join("sled").exists() {
         bail!("there is no WAL at {}; is --config right?", dir.display());
     }
-    let salvage = match Wal::salvage(dir, &wal_options(&config)) {
+    let salvage = match Wal::salvage(dir, &daemon::wal_options(&config)) {
         Err(telemetry_wal::WalError::Locked { holder, .. }) => {
             bail!("the agent (pid {holder}) holds the WAL in {}; stop it first", dir.display())
         }
@@ -309,175 +267,10 @@ fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let log_level = init_logging(&config);
     // Test builds only: fail points named in FAILPOINTS (tests hold the agent at a chosen step).
     let _failpoints = fail::has_failpoints().then(fail::FailScenario::setup);
-    let agent_id = config.agent_id()?;
-    let wal = open_wal(&config.wal.dir, wal_options(&config), config_path)?;
-    match wal.label("agent_id")? {
-        None => wal.set_label("agent_id", &agent_id)?,
-        Some(stored) if stored == agent_id => {}
-        Some(stored) => bail!(
-            "the WAL in {} belongs to agent `{stored}` but the config says `{agent_id}`; \
-             set [agent] id = \"{stored}\" or move the WAL directory aside",
-            config.wal.dir.display()
-        ),
-    }
-    let identity = Arc::new(Identity::start_run(&wal, agent_id)?);
-
-    raise_open_file_limit(config.ingest.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
-    let reload_from = Config::resolve_path(config_path);
-    let result = runtime.block_on(serve(&config, &wal, identity, reload_from, log_level));
-    // Every handler has finished: nothing waits on the WAL any more.
-    let closed = wal.close();
-    drop(runtime);
-    result?;
-    // First: after a failure (from any path that syncs) `close` fails too, with less to say.
-    if let Some(failure) = wal.failure() {
-        bail!("stopped after a WAL failure: {failure}");
-    }
-    closed?;
-    tracing::info!("stopped cleanly");
+    let options = daemon::Options { config_path: Config::resolve_path(config_path), log_level };
+    runtime.block_on(daemon::serve(&config, options, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn serve(
-    config: &Config,
-    wal: &Wal,
-    identity: Arc<Identity>,
-    reload_from: Option<PathBuf>,
-    log_level: Option<reload::LogLevelSetter>,
-) -> anyhow::Result<()> {
-    let ingest = &config.ingest;
-    let listener = ingest::bind(&ingest.socket, config.socket_mode()?, ingest.socket_group.as_deref())
-        .context("[ingest] socket")?;
-    let context = Arc::new(IngestContext {
-        appender: wal.appender(),
-        identity: identity.clone(),
-        max_line_bytes: ingest.max_line_bytes,
-        max_pending: ingest.max_pending_per_connection,
-        inflight_bytes: Arc::new(tokio::sync::Semaphore::new(ingest.max_inflight_bytes)),
-        overload_timeout: Duration::from_millis(ingest.overload_timeout_ms),
-        idle_timeout: (ingest.idle_timeout_secs > 0).then(|| Duration::from_secs(ingest.idle_timeout_secs)),
-        answer_timeout: Duration::from_secs(ingest.answer_timeout_secs),
-        max_future_secs: ingest.max_future_secs,
-    });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let http = match config.http.enabled {
-        true => Some(http::bind(&config.http.listen).await?),
-        false => None,
-    };
-    let http_addr = http.as_ref().and_then(|listener| listener.local_addr().ok());
-    let pool = config.mysql.as_ref().map(forward::pool).transpose()?;
-    // Live settings: a config reload sends new values here.
-    let forward_settings = watch::Sender::new(ForwardSettings::from(&config.mysql.clone().unwrap_or_default()));
-    let redis_settings = watch::Sender::new(config.redis.clone().unwrap_or_default());
-    let forwarder = match (&config.mysql, &pool) {
-        (Some(mysql), Some(pool)) => {
-            METRICS.sink_enabled(forward::SINK);
-            let forwarder = Forwarder::new(
-                wal.clone(),
-                pool.clone(),
-                identity.clone(),
-                forward_settings.subscribe(),
-                mysql.parallel_batches,
-                stop_rx.clone(),
-            );
-            Some(tokio::spawn(forwarder.run()))
-        }
-        _ => None,
-    };
-    let (mirror, resync) = match &config.redis {
-        Some(_) => {
-            METRICS.sink_enabled(mirror::SINK);
-            let mirror = Mirror::new(wal.clone(), identity.clone(), redis_settings.subscribe(), stop_rx.clone())?;
-            let resync = mirror.resync_handle();
-            (Some(tokio::spawn(mirror.run())), Some(resync))
-        }
-        None => (None, None),
-    };
-    let spool = SpoolDrain {
-        dir: config.spool.dir.clone(),
-        max_file_bytes: config.spool.max_file_bytes,
-        max_line_bytes: ingest.max_line_bytes,
-        max_future_secs: ingest.max_future_secs,
-        wal: wal.clone(),
-        appender: wal.appender(),
-    };
-    let spool = Some(tokio::spawn(spool.run(stop_rx.clone())));
-    if let Some(listener) = http {
-        tokio::spawn(http::serve(listener, wal.clone(), stop_rx.clone()));
-    }
-    let control_mode = if config.control.group.is_some() { 0o660 } else { 0o600 };
-    let control = ingest::bind(&config.control.socket, control_mode, config.control.group.as_deref())
-        .context("[control] socket")?;
-    let admin_context = admin::Context {
-        wal: wal.clone(),
-        identity: identity.clone(),
-        sinks: config.enabled_sinks(),
-        mysql: pool.clone(),
-        redis: resync,
-        spool: config.spool.dir.clone(),
-        running: true,
-    };
-    tokio::spawn(control::serve(control, admin_context, stop_rx.clone()));
-    if let Some(path) = reload_from {
-        let live = reload::Live {
-            forward: config.mysql.is_some().then_some(forward_settings),
-            redis: config.redis.is_some().then_some(redis_settings),
-            log_level,
-        };
-        tokio::spawn(reload::run(path, config.clone(), live, stop_rx.clone()));
-    }
-    let sinks = config.enabled_sinks();
-    tracing::info!(
-        agent_id = identity.agent_id(),
-        run = identity.run_id(),
-        http = http_addr.map(|a| a.to_string()),
-        socket = %ingest.socket.display(),
-        wal = %config.wal.dir.display(),
-        spool = %config.spool.dir.display(),
-        ?sinks,
-        "telemetry-agent ready"
-    );
-    // Under systemd (Type=notify): the WAL is open and the socket bound. Elsewhere this does nothing.
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        tracing::warn!(error = %e, "cannot notify systemd");
-    }
-    let stop = async {
-        tokio::select! {
-            () = shutdown_signal() => {}
-            () = housekeeping(wal, &sinks, pool.as_ref()) => {}
-        }
-    };
-    Listener::new(listener, context, ingest.max_connections).serve(stop).await;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = stop_tx.send(true);
-    for task in [spool, forwarder, mirror].into_iter().flatten() {
-        let _ = task.await;
-    }
-    let _ = std::fs::remove_file(&ingest.socket);
-    let _ = std::fs::remove_file(&config.control.socket);
-    Ok(())
-}
-
-/// Every connection is a file descriptor: raise the soft limit to the hard one, and say so if
-/// `max_connections` still does not fit (the kernel would refuse connections before the agent's limit).
-fn raise_open_file_limit(max_connections: usize) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
-    if soft < hard {
-        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
-        }
-    }
-    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
-    // The WAL, the sinks' connections and the listeners need some too.
-    if (max_connections as u64).saturating_add(256) > limit {
-        tracing::warn!(
-            max_connections,
-            open_file_limit = limit,
-            "[ingest] max_connections does not fit the open-file limit; raise it (LimitNOFILE=) or lower max_connections"
-        );
-    }
 }
 
 async fn shutdown_signal() {
@@ -489,76 +282,6 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-}
-
-/// Every second: drops what every sink has passed (cheap when there is nothing to drop) and refreshes the
-/// gauges. Resolves when the WAL stopped after a write failure: the agent then exits non-zero so that its
-/// supervisor restarts it and sled's recovery establishes what is durable.
-async fn housekeeping(wal: &Wal, sinks: &[&'static str], pool: Option<&mysql_async::Pool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // systemd's watchdog (WatchdogSec): pinged from this loop, so a stuck runtime or WAL gets restarted.
-    let watchdog = sd_notify::watchdog_enabled();
-    let mut pinged = std::time::Instant::now();
-    let mut received: std::collections::VecDeque<(std::time::Instant, u64)> = std::collections::VecDeque::new();
-    loop {
-        tick.tick().await;
-        if let Some(failure) = wal.failure() {
-            tracing::error!(failure, "the WAL failed; stopping so that a restart can recover it");
-            return;
-        }
-        if watchdog.is_some_and(|period| pinged.elapsed() >= period / 2) {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            pinged = std::time::Instant::now();
-        }
-        let task = {
-            let (wal, sinks) = (wal.clone(), sinks.to_vec());
-            tokio::task::spawn_blocking(move || {
-                let truncated = wal.truncate();
-                refresh_gauges(&wal, &sinks);
-                truncated
-            })
-        };
-        match task.await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(records)) => tracing::debug!(records, "truncated WAL"),
-            Ok(Err(e)) => tracing::error!(error = %e, "WAL truncation failed"),
-            Err(e) => tracing::error!(error = %e, "WAL housekeeping task failed"),
-        }
-        if let Some(pool) = pool {
-            let pool = pool.metrics();
-            METRICS.mysql_connections.set(pool.connection_count.load(std::sync::atomic::Ordering::Relaxed) as i64);
-            METRICS
-                .mysql_connections_in_use
-                .set(pool.connections_in_use.load(std::sync::atomic::Ordering::Relaxed) as i64);
-        }
-        METRICS.tick_outages(Duration::from_secs(1));
-        let now = (std::time::Instant::now(), METRICS.events_received_total());
-        received.push_back(now);
-        while received.len() > 11 {
-            received.pop_front();
-        }
-        if let Some(&(then, count)) = received.front() {
-            let secs = now.0.duration_since(then).as_secs_f64();
-            if secs > 0.0 {
-                METRICS.events_per_second.set((now.1 - count) as f64 / secs);
-            }
-        }
-    }
-}
-
-/// WAL size and each sink's lag, for `/metrics` and `status`.
-fn refresh_gauges(wal: &Wal, sinks: &[&'static str]) {
-    let Ok(report) = admin::wal_report(wal, sinks) else { return };
-    METRICS.wal_disk_bytes.set(report.disk_bytes as i64);
-    METRICS.wal_max_bytes.set(report.max_bytes as i64);
-    METRICS.wal_live_bytes.set(report.live_bytes as i64);
-    METRICS.wal_records.set(report.records as i64);
-    METRICS.dead_letters.set(report.dead_letters as i64);
-    for (&sink, lag) in sinks.iter().zip(&report.sinks) {
-        let labels = crate::metrics::Sink { sink };
-        METRICS.sink_lag_records.get_or_create(&labels).set(lag.lag_records as i64);
-        METRICS.sink_lag_seconds.get_or_create(&labels).set(lag.lag_seconds);
     }
 }
 
@@ -634,7 +357,7 @@ fn direct_context(
             dir.display(),
             config.control.socket.display()
         ),
-        Err(e) => return Err(open_error(e, dir, config_path)),
+        Err(e) => return Err(daemon::open_error(e, dir, config_path)),
     };
     let agent_id = match wal.label("agent_id")? {
         Some(id) => id,

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod event;
 pub mod forward;
 pub mod http;

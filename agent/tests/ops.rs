@@ -387,3 +387,40 @@ fn a_damaged_wal_is_refused_with_the_salvage_command_and_salvage_forwards_only_i
         assert_eq!(sent.get(&event_id), Some(&value), "row {event_id} is not an event that was sent");
     }
 }
+
+/// The daemon is a library function: a test runs it in-process, talks to it, and stops it through `shutdown`.
+#[test]
+fn the_daemon_serves_in_process_until_its_shutdown_resolves() {
+    use telemetry_agent::config::Config;
+    use telemetry_agent::daemon;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.agent.id = Some("in-process".into());
+    config.ingest.socket = dir.path().join("agent.sock");
+    config.control.socket = dir.path().join("control.sock");
+    config.wal.dir = dir.path().join("wal");
+    config.spool.dir = dir.path().join("spool");
+    config.http.enabled = false;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = runtime.spawn(async move {
+        daemon::serve(&config, daemon::Options::default(), async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let socket = dir.path().join("agent.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        match common::Client::try_connect(&socket) {
+            Ok(client) => break client,
+            Err(e) => assert!(Instant::now() < deadline, "the daemon does not listen: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let answer = client.request(&metric("p-inproc", "m", 1.5));
+    assert_eq!(answer["ok"], true, "{answer}");
+    stop.send(()).unwrap();
+    runtime.block_on(served).unwrap().unwrap();
+    assert!(!socket.exists(), "the socket is removed when the daemon stops");
+}
