@@ -11,9 +11,9 @@ use telemetry_wal::{Record, Wal};
 use tokio::sync::mpsc;
 
 use crate::event::Event;
-use crate::forward;
 use crate::identity::Identity;
 use crate::metrics::{now_ms, SinkStatus, METRICS};
+use crate::sink::mysql as mysql_sink;
 
 /// A replay batch that takes longer is abandoned (the command says where to resume).
 const REPLAY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -452,7 +452,7 @@ async fn replay(
     out: &mpsc::Sender<Output>,
 ) -> anyhow::Result<Vec<Output>> {
     match sink {
-        forward::SINK => {}
+        mysql_sink::SINK => {}
         crate::mirror::SINK => {
             // Redis holds newest values only, and the mirror's table holds the newest of every acked event,
             // truncated or not: replaying means pushing that table again, whatever the range.
@@ -491,7 +491,8 @@ async fn replay(
         done += rows.len() as u64;
         // Offset 0: the offset row keeps its value (GREATEST); replay is beside forwarding, not part of it.
         let again = rows.first().map_or(last, |r| r.0.seq);
-        let write = forward::write_rows(pool, &context.identity, &rows, forward::lock_wait(REPLAY_WRITE_TIMEOUT), || 0);
+        let write =
+            mysql_sink::write_rows(pool, &context.identity, &rows, mysql_sink::lock_wait(REPLAY_WRITE_TIMEOUT), || 0);
         let written = tokio::time::timeout(REPLAY_WRITE_TIMEOUT, write)
             .await
             .map_err(|_| anyhow::anyhow!("MySQL did not answer within {} s", REPLAY_WRITE_TIMEOUT.as_secs()))

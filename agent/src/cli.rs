@@ -15,9 +15,9 @@ use tracing_subscriber::EnvFilter;
 use crate::admin::{self, DeadLetterAction, DumpFilter, Output, Request};
 use crate::config::{mask_url, Config};
 use crate::daemon;
-use crate::forward::{self, ForwardSettings, Forwarder};
 use crate::identity::Identity;
 use crate::reload;
+use crate::sink::mysql::{self as mysql_sink, ForwardSettings, Forwarder};
 use telemetry_wal::{Wal, WalOptions};
 use tokio::sync::watch;
 
@@ -189,7 +189,7 @@ fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let Some(mysql) = &config.mysql else { bail!("the config has no [mysql] section: nothing to migrate") };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
     runtime.block_on(async {
-        let pool = forward::pool(mysql)?;
+        let pool = mysql_sink::pool(mysql)?;
         let result = async {
             let mut conn =
                 pool.get_conn().await.with_context(|| format!("cannot connect to {}", mask_url(&mysql.url)))?;
@@ -364,7 +364,7 @@ fn direct_context(
         None => config.agent_id()?,
     };
     let identity = Arc::new(Identity::load(&wal, agent_id)?);
-    let mysql = config.mysql.as_ref().map(forward::pool).transpose()?;
+    let mysql = config.mysql.as_ref().map(mysql_sink::pool).transpose()?;
     let spool = config.spool.dir.clone();
     Ok(admin::Context { wal, identity, sinks: config.enabled_sinks(), mysql, redis: None, spool, running: false })
 }
@@ -507,7 +507,7 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
     let config = Config::load(config_path)?;
     // The forwarder says here why it waits (MySQL unreachable, schema behind, ...).
     init_logging_at(Some("warn"), &config);
-    if sink != forward::SINK {
+    if sink != mysql_sink::SINK {
         bail!("--wal-dir replays to mysql only");
     }
     let Some(mysql) = &config.mysql else { bail!("the config has no [mysql] section") };
@@ -523,11 +523,11 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
     };
     // Not the copy's own progress: MySQL may have been restored since. Everything is sent again; rows already
     // present are no-ops (the records keep the event ids of the runs that appended them).
-    wal.set_cursor(forward::SINK, 0)?;
+    wal.set_cursor(mysql_sink::SINK, 0)?;
     let dead_letters_before = stats.dead_letters;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     let result = runtime.block_on(async {
-        let pool = forward::pool(mysql)?;
+        let pool = mysql_sink::pool(mysql)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let settings = watch::channel(ForwardSettings::from(mysql)).1;
         let identity = Arc::new(Identity::load(&wal, agent_id.clone())?);
@@ -538,7 +538,7 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
         let bar = indicatif::ProgressBar::new(last.saturating_sub(start));
         eprintln!("replaying {} (agent id {agent_id}) to MySQL up to seq {last}", dir.display());
         loop {
-            let cursor = wal.cursor(forward::SINK)?;
+            let cursor = wal.cursor(mysql_sink::SINK)?;
             bar.set_position(cursor.saturating_sub(start));
             if cursor >= last {
                 break;

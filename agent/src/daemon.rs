@@ -16,13 +16,13 @@ use crate::admin;
 use crate::config::{Config, DurabilityMode};
 use crate::control;
 use crate::event::now_us;
-use crate::forward::{self, ForwardSettings, Forwarder};
 use crate::http;
 use crate::identity::Identity;
 use crate::ingest::{self, IngestContext, Listener};
 use crate::metrics::METRICS;
 use crate::mirror::{self, Mirror};
 use crate::reload;
+use crate::sink::mysql::{self as mysql_sink, ForwardSettings, Forwarder};
 use crate::spool::SpoolDrain;
 
 /// How [`serve`] runs besides its config.
@@ -93,13 +93,13 @@ async fn serve_wal(
         false => None,
     };
     let http_addr = http.as_ref().and_then(|listener| listener.local_addr().ok());
-    let pool = config.mysql.as_ref().map(forward::pool).transpose()?;
+    let pool = config.mysql.as_ref().map(mysql_sink::pool).transpose()?;
     // Live settings: a config reload sends new values here.
     let forward_settings = watch::Sender::new(ForwardSettings::from(&config.mysql.clone().unwrap_or_default()));
     let redis_settings = watch::Sender::new(config.redis.clone().unwrap_or_default());
     let forwarder = match (&config.mysql, &pool) {
         (Some(mysql), Some(pool)) => {
-            METRICS.sink_enabled(forward::SINK);
+            METRICS.sink_enabled(mysql_sink::SINK);
             let forwarder = Forwarder::new(
                 wal.clone(),
                 pool.clone(),

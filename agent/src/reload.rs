@@ -10,7 +10,7 @@ use notify_debouncer_full::{new_debouncer, DebounceEventResult};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, RedisConfig};
-use crate::forward::ForwardSettings;
+use crate::sink::mysql::ForwardSettings;
 
 /// The keys a reload applies to the running agent.
 pub const LIVE_KEYS: &[&str] = &[

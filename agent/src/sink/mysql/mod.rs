@@ -23,6 +23,9 @@ use crate::identity::Identity;
 use crate::metrics::METRICS;
 use crate::migrate::{self, SchemaState};
 
+mod progress;
+use progress::{Committed, Progress};
+
 pub const SINK: &str = "mysql";
 
 /// Statement sizes: a batch is cut into statements of these row counts, so a handful of prepared
@@ -139,18 +142,6 @@ pub struct Totals {
     pub already_present: std::sync::atomic::AtomicU64,
 }
 
-/// Batches in dispatch order. The watermark is the last seq before which every batch committed: it alone
-/// goes to `telemetry_offsets` and the local cursor, so a crash with a later batch committed and an earlier
-/// one not resumes before the gap, never after it (re-sent rows are no-ops).
-#[derive(Default)]
-struct Progress {
-    watermark: u64,
-    /// The highest offset a committed transaction wrote to `telemetry_offsets`.
-    offset_written: u64,
-    /// (first seq, last seq, committed), oldest first.
-    batches: VecDeque<(u64, u64, bool)>,
-}
-
 struct Outage {
     since: Instant,
     retries: u64,
@@ -219,7 +210,7 @@ impl Forwarder {
 
     async fn forward(&mut self, slots: &Arc<Semaphore>) -> Result<(), Stopped> {
         let start = self.shared.start_point().await?;
-        self.shared.lock_progress().watermark = start;
+        self.shared.lock_progress().start(start);
         let mut read_to = start;
         loop {
             let batch = self.next_batch(read_to).await?;
@@ -230,7 +221,7 @@ impl Forwarder {
                 permit = slots.clone().acquire_owned() => permit.map_err(|_| Stopped)?,
                 _ = self.shutdown.changed() => return Err(Stopped),
             };
-            self.shared.lock_progress().batches.push_back((first, last, false));
+            self.shared.lock_progress().dispatched(first, last);
             read_to = last;
             let shared = self.shared.clone();
             tokio::spawn(async move {
@@ -304,27 +295,14 @@ impl Shared {
     /// Marks the batch starting at `first` committed and moves the watermark over every committed batch at
     /// the front.
     fn committed(&self, first: u64, offset_written: u64) {
-        let (watermark, lagging) = {
-            let mut progress = self.lock_progress();
-            progress.offset_written = progress.offset_written.max(offset_written);
-            if let Some(batch) = progress.batches.iter_mut().find(|b| b.0 == first) {
-                batch.2 = true;
-            }
-            let before = progress.watermark;
-            while let Some(&(_, last, true)) = progress.batches.front() {
-                progress.watermark = last;
-                progress.batches.pop_front();
-            }
-            let moved = (progress.watermark != before).then_some(progress.watermark);
-            // Batches that finished out of order recorded an older offset; catch MySQL's up now rather than
-            // with the next batch, which may be long in coming.
-            (moved, progress.watermark > progress.offset_written)
-        };
-        if let Some(watermark) = watermark {
+        let Committed { moved, lagging } = self.lock_progress().committed(first, offset_written);
+        if let Some(watermark) = moved {
             if let Err(e) = self.wal.set_cursor(SINK, watermark) {
                 // MySQL has the rows and the offset; a restart resumes from there.
                 tracing::error!(error = %e, seq = watermark, "cannot move the local mysql cursor");
             }
+            // Batches that finished out of order recorded an older offset; catch MySQL's up now rather than
+            // with the next batch, which may be long in coming.
             if lagging {
                 self.offset_catch_up.send_replace(watermark);
             }
@@ -342,23 +320,14 @@ impl Shared {
             .await
         };
         match tokio::time::timeout(self.settings().write_timeout, result).await {
-            Ok(Ok(())) => {
-                let mut progress = self.lock_progress();
-                progress.offset_written = progress.offset_written.max(watermark);
-            }
+            Ok(Ok(())) => self.lock_progress().offset_recorded(watermark),
             Ok(Err(e)) => tracing::debug!(error = %e, watermark, "cannot record the offset; the next batch will"),
             Err(_) => tracing::debug!(watermark, "recording the offset timed out; the next batch will"),
         }
     }
 
-    /// The offset a transaction ending at `last` of the batch starting at `first` may record: its own end if
-    /// every earlier batch has committed, else the watermark.
     fn offset_for(&self, first: u64, last: u64) -> u64 {
-        let progress = self.lock_progress();
-        match progress.batches.front() {
-            Some(&(front, _, _)) if front == first => last,
-            _ => progress.watermark,
-        }
+        self.lock_progress().offset_for(first, last)
     }
 
     /// Waits for MySQL with a usable schema, then resumes after the local cursor.
