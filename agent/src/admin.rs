@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use telemetry_wal::{Record, Wal};
 use tokio::sync::mpsc;
 
+use crate::clock::now_ms;
 use crate::event::Event;
 use crate::identity::Identity;
-use crate::metrics::{now_ms, SinkStatus, METRICS};
+use crate::metrics::{SinkStatus, METRICS};
 use crate::sink::mysql as mysql_sink;
 
 /// A replay batch that takes longer is abandoned (the command says where to resume).

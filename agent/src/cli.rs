@@ -459,7 +459,7 @@ fn format_status(status: &admin::Status) -> String {
     if !status.running {
         out += "  NOT RUNNING: no agent answers on the control socket; the WAL as found on disk:\n";
     } else {
-        let up = status.started_at_ms.map_or(0, |at| crate::metrics::now_ms().saturating_sub(at) / 1000);
+        let up = status.started_at_ms.map_or(0, |at| crate::clock::now_ms().saturating_sub(at) / 1000);
         out += &format!(
             "  up since      {} ({}h{:02}m)\n  clients       {}\n  events in     {:.0}/s ({} since start)\n",
             format_time_ms(status.started_at_ms),

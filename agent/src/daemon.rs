@@ -13,9 +13,9 @@ use telemetry_wal::{Durability, Wal, WalOptions};
 use tokio::sync::watch;
 
 use crate::admin;
+use crate::clock::now_us;
 use crate::config::{Config, DurabilityMode};
 use crate::control;
-use crate::event::now_us;
 use crate::http;
 use crate::identity::Identity;
 use crate::ingest::{self, IngestContext, Listener};

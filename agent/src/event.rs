@@ -538,11 +538,6 @@ pub fn rfc3339_us(us: i64) -> String {
     )
 }
 
-pub fn now_us() -> i64 {
-    let now = OffsetDateTime::now_utc();
-    i64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

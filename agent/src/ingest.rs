@@ -24,7 +24,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::event::{now_us, parse_line, Event, Rejection};
+use crate::clock::now_us;
+use crate::event::{parse_line, Event, Rejection};
 use crate::identity::Identity;
 use crate::metrics::{Kind, METRICS};
 

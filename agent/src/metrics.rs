@@ -14,6 +14,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::clock::now_ms;
+
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -304,8 +306,4 @@ impl Metrics {
     pub fn events_received_total(&self) -> u64 {
         ["metric", "trade"].iter().map(|kind| self.events_received.get_or_create(&Kind { kind }).get()).sum()
     }
-}
-
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

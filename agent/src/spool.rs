@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 use telemetry_wal::{Appender, DeadLetter, Pending, Wal, WalError};
 use tokio::sync::{mpsc, watch};
 
-use crate::event::{now_us, parse_line};
+use crate::clock::{now_ms, now_us};
+use crate::event::parse_line;
 use crate::identity::is_generated_id;
-use crate::metrics::{now_ms, METRICS};
+use crate::metrics::METRICS;
 
 /// The sink name under which invalid spool lines are kept as dead letters.
 pub const DEAD_LETTER_SINK: &str = "spool";

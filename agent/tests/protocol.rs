@@ -79,7 +79,7 @@ fn bad_lines_get_specific_errors_change_nothing_and_the_connection_keeps_working
 fn a_time_more_than_max_future_secs_ahead_is_refused_and_an_hour_ahead_is_taken() {
     let agent = Agent::start("");
     let mut client = agent.connect();
-    let now_ms = telemetry_agent::event::now_us() / 1000;
+    let now_ms = telemetry_agent::clock::now_us() / 1000;
     let (hour, two_days) = (now_ms + 3_600_000, now_ms + 2 * 86_400_000);
     let metric_at = |ts: i64| format!(r#"{{"kind":"metric","profile_id":"p","name":"n","value":1,"ts":{ts}}}"#);
     assert_eq!(client.request(&metric_at(hour))["ok"], true, "an hour ahead is a clock skew, not an error");

@@ -418,7 +418,7 @@ fn wait_for_metric(redis: &TestRedis, profile: &str, name: &str, want: Option<&s
 fn mirror_forget_clears_a_stuck_metric_so_that_an_earlier_value_lands() {
     let redis = TestRedis::new();
     let mut agent = Agent::start(&redis.section(&redis.url));
-    let now_ms = telemetry_agent::event::now_us() / 1000;
+    let now_ms = telemetry_agent::clock::now_us() / 1000;
     let at = |name: &str, value: i64, ts: i64| {
         format!(r#"{{"kind":"metric","profile_id":"p","name":"{name}","value":{value},"ts":{ts}}}"#)
     };

@@ -17,6 +17,7 @@ use mysql_async::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, TxOpts, Va
 use telemetry_wal::{DeadLetter, Record, Wal};
 use tokio::sync::{watch, Semaphore};
 
+use crate::clock::now_ms;
 use crate::config::{mask_url, read_secret_file, MysqlConfig};
 use crate::event::{Event, Side};
 use crate::identity::Identity;
@@ -783,10 +784,6 @@ fn classify(e: mysql_async::Error) -> WriteError {
         }
         _ => WriteError::Transient(e.to_string()),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
