@@ -133,7 +133,7 @@ pub struct Context {
     pub sinks: Vec<&'static str>,
     pub mysql: Option<mysql_async::Pool>,
     /// The running agent's Redis mirror.
-    pub redis: Option<crate::mirror::Resync>,
+    pub redis: Option<crate::sink::redis::Resync>,
     /// `[spool] dir`
     pub spool: std::path::PathBuf,
     /// Set inside the running agent.
@@ -407,8 +407,8 @@ const FORGET_PUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Forgets a metric in the mirror's table and (through the running mirror, or at the next start) in Redis.
 async fn mirror_forget(context: &Context, profile: String, metric: String) -> anyhow::Result<Vec<Output>> {
-    use crate::mirror::{forget_metric, Forgot};
-    if !context.sinks.contains(&crate::mirror::SINK) {
+    use crate::sink::redis::{forget_metric, Forgot};
+    if !context.sinks.contains(&crate::sink::redis::SINK) {
         bail!("the config has no [redis] section: there is no mirror to forget {profile}/{metric} in");
     }
     let forgot = {
@@ -454,7 +454,7 @@ async fn replay(
 ) -> anyhow::Result<Vec<Output>> {
     match sink {
         mysql_sink::SINK => {}
-        crate::mirror::SINK => {
+        crate::sink::redis::SINK => {
             // Redis holds newest values only, and the mirror's table holds the newest of every acked event,
             // truncated or not: replaying means pushing that table again, whatever the range.
             let Some(resync) = &context.redis else {

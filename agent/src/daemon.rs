@@ -20,9 +20,9 @@ use crate::http;
 use crate::identity::Identity;
 use crate::ingest::{self, IngestContext, Listener};
 use crate::metrics::METRICS;
-use crate::mirror::{self, Mirror};
 use crate::reload;
 use crate::sink::mysql::{self as mysql_sink, ForwardSettings, Forwarder};
+use crate::sink::redis::{self as mirror, Mirror};
 use crate::spool::SpoolDrain;
 
 /// How [`serve`] runs besides its config.

@@ -13,7 +13,6 @@ pub mod identity;
 pub mod ingest;
 pub mod metrics;
 pub mod migrate;
-pub mod mirror;
 pub mod reload;
 pub mod sink;
 pub mod spool;

@@ -337,7 +337,7 @@ fn run_script(redis: &TestRedis, value: &str, ts_ms: i64, order: &str) -> (Strin
     let prefix = &redis.prefix;
     let _: i64 = redis.query(
         redis::cmd("EVAL")
-            .arg(telemetry_agent::mirror::UPDATE_SCRIPT)
+            .arg(telemetry_agent::sink::redis::UPDATE_SCRIPT)
             .arg(5)
             .arg(format!("{prefix}:p:metrics"))
             .arg(format!("{prefix}:p:metrics_ts"))

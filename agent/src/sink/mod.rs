@@ -1,4 +1,5 @@
-//! Where the WAL's events go: MySQL, every event exactly once (`mysql`), and Redis, the latest value of each
-//! metric (`mirror`, to move here next).
+//! Where the WAL's events go: MySQL, every event exactly once (`mysql`), and Redis, the newest value of
+//! every metric and trade (`redis`, the mirror).
 
 pub mod mysql;
+pub mod redis;
