@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: starts (or installs) MariaDB and Redis, then runs every test.
-# Long chaos/soak runs are separate (see README).
+# Long chaos/soak runs are separate (see docs/testing.md, "Long runs").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "test: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }

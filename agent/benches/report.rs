@@ -176,7 +176,7 @@ fn render(data: &Data, plotted: bool) -> String {
         "Ratios are *measured ÷ compared with*. The old ways are what the bot scripts did before the agent (one \
          autocommit INSERT or one HSET per event, a connection per script); (b) is the batching fix proposed \
          before the agent; the ceilings are what the disk (one fdatasync per write) and MariaDB (LOAD DATA) allow \
-         at best. Targets are the project's (see README, \"Performance\").\n"
+         at best. Targets are the project's (see docs/performance.md).\n"
     );
 
     details(&mut md, data, plotted);
@@ -195,7 +195,7 @@ fn render(data: &Data, plotted: bool) -> String {
          its numbers as JSON lines there (`append.jsonl`, `ingest.jsonl`, `mysql.jsonl`, `redis.jsonl`, \
          `python.jsonl`, the outage time series `mysql-outage.csv`, each bench's output in `*.log`). Last, `cargo \
          bench -p telemetry-agent --bench report` turns them into this page and `mysql-outage.png`. Every bench \
-         still runs alone as README describes.\n"
+         still runs alone as docs/performance.md describes.\n"
     );
     if !steps.is_empty() {
         let list: Vec<String> = steps.iter().map(|(n, s)| format!("{n} {}", duration(*s))).collect();

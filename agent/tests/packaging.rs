@@ -92,6 +92,8 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
         "./etc/telemetry-agent/agent.toml",
         "systemd/system/telemetry-agent.service",
         "./usr/share/doc/telemetry-agent/README.md",
+        "./usr/share/doc/telemetry-agent/operations.md",
+        "./usr/share/doc/telemetry-agent/protocol.md",
         "./usr/share/doc/telemetry-agent/dashboards.md",
         "./usr/share/doc/telemetry-agent/spool.md",
         // The scripts' client: `import telemetry_agent` after apt install.
@@ -177,16 +179,21 @@ fn purge_block(postrm: &str) -> &str {
     &postrm[start..end]
 }
 
+/// The paths docs/operations.md ("Install as a service", **Removal:**) says `dpkg --purge` deletes.
 #[test]
-fn purge_removes_every_path_the_readme_says_it_removes() {
+fn purge_removes_every_path_the_operations_guide_says_it_removes() {
     let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let readme = std::fs::read_to_string(format!("{workspace}/README.md")).unwrap();
+    let guide = std::fs::read_to_string(format!("{workspace}/docs/operations.md")).unwrap();
     let postrm = std::fs::read_to_string(format!("{workspace}/packaging/debian/postrm")).unwrap();
-    let removal = readme.split("**Removal:**").nth(1).and_then(|s| s.split("\n- ").next()).expect("README: Removal");
+    let removal =
+        guide.split("**Removal:**").nth(1).and_then(|s| s.split("\n- ").next()).expect("docs/operations.md: Removal");
     let documented: Vec<&str> =
         removal.split('`').skip(1).step_by(2).filter(|quoted| quoted.starts_with('/')).collect();
     assert!(documented.contains(&"/etc/telemetry-agent"), "{removal}");
     for path in documented {
-        assert!(purge_block(&postrm).contains(path), "README says purge removes {path}; postrm does not:\n{postrm}");
+        assert!(
+            purge_block(&postrm).contains(path),
+            "docs/operations.md says purge removes {path}; postrm does not:\n{postrm}"
+        );
     }
 }

@@ -779,15 +779,19 @@ fn salvage_of_a_damaged_last_chunk_never_reuses_its_seqs() {
     assert!(next > max_acked, "seq {next} handed out again (acknowledged up to {max_acked})");
 }
 
+/// docs/operations.md ("Repair after an outage") and the config reference, packaging/agent.toml.
 #[test]
-fn the_readme_states_the_early_truncation_thresholds_of_the_code() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+fn the_docs_state_the_early_truncation_thresholds_of_the_code() {
+    let read = |path: &str| std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let operations = read("docs/operations.md");
     let stated = format!("1/{PRESSURE_RECORDS_DIVISOR} of `max_bytes` or the directory {PRESSURE_DISK_PERCENT}% of it");
-    let mentions: Vec<&str> = readme.lines().filter(|l| l.contains("drops them earlier when records reach")).collect();
+    let mentions: Vec<&str> =
+        operations.lines().filter(|l| l.contains("drops them earlier when records reach")).collect();
     assert!(
         !mentions.is_empty() && mentions.iter().all(|l| l.contains(&stated)),
-        "README: {mentions:?}, not {stated:?}"
+        "docs/operations.md: {mentions:?}, not {stated:?}"
     );
-    let table_row = readme.lines().find(|l| l.starts_with("| `[wal] retain_secs`")).unwrap();
-    assert!(table_row.contains(&stated.replace('`', "")), "{table_row}");
+    let config = read("packaging/agent.toml");
+    let config_line = config.lines().find(|l| l.starts_with("# Dropped earlier when records fill")).unwrap();
+    assert!(config_line.contains(&stated.replace('`', "")), "{config_line}");
 }
