@@ -15,6 +15,7 @@ use crate::event::Event;
 use crate::identity::Identity;
 use crate::metrics::{SinkStatus, METRICS};
 use crate::sink::mysql as mysql_sink;
+use crate::sink::Sink;
 
 /// A replay batch that takes longer is abandoned (the command says where to resume).
 const REPLAY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -27,7 +28,7 @@ pub enum Request {
     WalStats,
     Dump(DumpFilter),
     DeadLetters { action: DeadLetterAction, sink: Option<String>, seqs: Vec<u64>, reason: Option<String> },
-    Replay { sink: String, from: Option<u64>, to: Option<u64> },
+    Replay { sink: Sink, from: Option<u64>, to: Option<u64> },
     MirrorForget { profile: String, metric: String },
 }
 
@@ -130,7 +131,7 @@ pub struct DeadLetterView {
 pub struct Context {
     pub wal: Wal,
     pub identity: std::sync::Arc<Identity>,
-    pub sinks: Vec<&'static str>,
+    pub sinks: Vec<Sink>,
     pub mysql: Option<mysql_async::Pool>,
     /// The running agent's Redis mirror.
     pub redis: Option<crate::sink::redis::Resync>,
@@ -151,7 +152,7 @@ pub async fn execute(request: Request, context: Context, out: mpsc::Sender<Outpu
         Request::DeadLetters { action, sink, seqs, reason } => {
             blocking(&context, move |c| dead_letters(c, action, sink.as_deref(), &seqs, reason.as_deref())).await
         }
-        Request::Replay { sink, from, to } => replay(&context, &sink, from, to, &out).await,
+        Request::Replay { sink, from, to } => replay(&context, sink, from, to, &out).await,
         Request::MirrorForget { profile, metric } => mirror_forget(&context, profile, metric).await,
     };
     let outputs = result.unwrap_or_else(|e| vec![Output::Error { error: format!("{e:#}") }]);
@@ -187,7 +188,7 @@ fn records_after(stats: &telemetry_wal::WalStats, cursor: u64) -> u64 {
 }
 
 /// The WAL's size, age and each sink's lag.
-pub fn wal_report(wal: &Wal, sinks: &[&'static str]) -> anyhow::Result<WalReport> {
+pub fn wal_report(wal: &Wal, sinks: &[Sink]) -> anyhow::Result<WalReport> {
     let stats = wal.stats()?;
     let appended_at =
         |after: u64| -> anyhow::Result<Option<u64>> { Ok(wal.read_after(after, 1)?.first().map(|r| r.appended_at_ms)) };
@@ -201,7 +202,7 @@ pub fn wal_report(wal: &Wal, sinks: &[&'static str]) -> anyhow::Result<WalReport
     };
     let mut lags = Vec::new();
     for sink in sinks {
-        let cursor = wal.cursor(sink)?;
+        let cursor = wal.cursor(sink.name())?;
         let lag_seconds = appended_at(cursor)?.map_or(0.0, |at| now_ms().saturating_sub(at) as f64 / 1000.0);
         lags.push(SinkLag { sink: sink.to_string(), cursor, lag_records: records_after(&stats, cursor), lag_seconds });
     }
@@ -447,14 +448,14 @@ async fn mirror_forget(context: &Context, profile: String, metric: String) -> an
 
 async fn replay(
     context: &Context,
-    sink: &str,
+    sink: Sink,
     from: Option<u64>,
     to: Option<u64>,
     out: &mpsc::Sender<Output>,
 ) -> anyhow::Result<Vec<Output>> {
     match sink {
-        mysql_sink::SINK => {}
-        crate::sink::redis::SINK => {
+        Sink::Mysql => {}
+        Sink::Redis => {
             // Redis holds newest values only, and the mirror's table holds the newest of every acked event,
             // truncated or not: replaying means pushing that table again, whatever the range.
             let Some(resync) = &context.redis else {
@@ -466,7 +467,6 @@ async fn replay(
                     .into(),
             }]);
         }
-        other => bail!("unknown sink {other:?}; use mysql"),
     }
     let Some(pool) = &context.mysql else { bail!("the config has no [mysql] section") };
     let stats = context.wal.stats()?;

@@ -18,6 +18,7 @@ use crate::daemon;
 use crate::identity::Identity;
 use crate::reload;
 use crate::sink::mysql::{self as mysql_sink, ForwardSettings, Forwarder};
+use crate::sink::Sink;
 use telemetry_wal::{Wal, WalOptions};
 use tokio::sync::watch;
 
@@ -114,7 +115,7 @@ enum WalCommand {
     /// WAL directory copied from another (dead) host, under that host's agent id.
     Replay {
         #[arg(long, default_value = "mysql")]
-        sink: String,
+        sink: Sink,
         #[arg(long)]
         from: Option<u64>,
         #[arg(long)]
@@ -155,7 +156,7 @@ pub fn main(cli: Cli) -> ExitCode {
             WalCommand::Dump { from, to, profile, kind } => {
                 operate(config.as_deref(), Request::Dump(DumpFilter { from, to, profile, kind }), false)
             }
-            WalCommand::Replay { wal_dir: Some(dir), sink, .. } => replay_wal_dir(config.as_deref(), &dir, &sink),
+            WalCommand::Replay { wal_dir: Some(dir), sink, .. } => replay_wal_dir(config.as_deref(), &dir, sink),
             WalCommand::Replay { sink, from, to, wal_dir: None } => {
                 operate(config.as_deref(), Request::Replay { sink, from, to }, false)
             }
@@ -503,11 +504,11 @@ fn format_status(status: &admin::Status) -> String {
 }
 
 /// Forwards a WAL copied from another host to MySQL under that host's agent id, until it is caught up.
-fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow::Result<ExitCode> {
+fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: Sink) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     // The forwarder says here why it waits (MySQL unreachable, schema behind, ...).
     init_logging_at(Some("warn"), &config);
-    if sink != mysql_sink::SINK {
+    if sink != Sink::Mysql {
         bail!("--wal-dir replays to mysql only");
     }
     let Some(mysql) = &config.mysql else { bail!("the config has no [mysql] section") };
@@ -523,7 +524,7 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
     };
     // Not the copy's own progress: MySQL may have been restored since. Everything is sent again; rows already
     // present are no-ops (the records keep the event ids of the runs that appended them).
-    wal.set_cursor(mysql_sink::SINK, 0)?;
+    wal.set_cursor(mysql_sink::SINK.name(), 0)?;
     let dead_letters_before = stats.dead_letters;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
     let result = runtime.block_on(async {
@@ -538,7 +539,7 @@ fn replay_wal_dir(config_path: Option<&Path>, dir: &Path, sink: &str) -> anyhow:
         let bar = indicatif::ProgressBar::new(last.saturating_sub(start));
         eprintln!("replaying {} (agent id {agent_id}) to MySQL up to seq {last}", dir.display());
         loop {
-            let cursor = wal.cursor(mysql_sink::SINK)?;
+            let cursor = wal.cursor(mysql_sink::SINK.name())?;
             bar.set_position(cursor.saturating_sub(start));
             if cursor >= last {
                 break;

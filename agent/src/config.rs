@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::sink::Sink;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -412,9 +414,12 @@ impl Config {
         Ok(host)
     }
 
-    /// The sinks that are configured, by their WAL cursor name.
-    pub fn enabled_sinks(&self) -> Vec<&'static str> {
-        [self.mysql.as_ref().map(|_| "mysql"), self.redis.as_ref().map(|_| "redis")].into_iter().flatten().collect()
+    /// The sinks that are configured.
+    pub fn enabled_sinks(&self) -> Vec<Sink> {
+        [self.mysql.as_ref().map(|_| Sink::Mysql), self.redis.as_ref().map(|_| Sink::Redis)]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// The effective configuration as TOML, with passwords masked.

@@ -23,6 +23,7 @@ use crate::metrics::METRICS;
 use crate::reload;
 use crate::sink::mysql::{self as mysql_sink, ForwardSettings, Forwarder};
 use crate::sink::redis::{self as mirror, Mirror};
+use crate::sink::Sink;
 use crate::spool::SpoolDrain;
 
 /// How [`serve`] runs besides its config.
@@ -210,7 +211,7 @@ fn raise_open_file_limit(max_connections: usize) {
 /// Every second: drops what every sink has passed (cheap when there is nothing to drop) and refreshes the
 /// gauges. Resolves when the WAL stopped after a write failure: the agent then exits non-zero so that its
 /// supervisor restarts it and sled's recovery establishes what is durable.
-async fn housekeeping(wal: &Wal, sinks: &[&'static str], pool: Option<&mysql_async::Pool>) {
+async fn housekeeping(wal: &Wal, sinks: &[Sink], pool: Option<&mysql_async::Pool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // systemd's watchdog (WatchdogSec): pinged from this loop, so a stuck runtime or WAL gets restarted.
     let watchdog = sd_notify::watchdog_enabled();
@@ -263,15 +264,15 @@ async fn housekeeping(wal: &Wal, sinks: &[&'static str], pool: Option<&mysql_asy
 }
 
 /// WAL size and each sink's lag, for `/metrics` and `status`.
-fn refresh_gauges(wal: &Wal, sinks: &[&'static str]) {
+fn refresh_gauges(wal: &Wal, sinks: &[Sink]) {
     let Ok(report) = admin::wal_report(wal, sinks) else { return };
     METRICS.wal_disk_bytes.set(report.disk_bytes as i64);
     METRICS.wal_max_bytes.set(report.max_bytes as i64);
     METRICS.wal_live_bytes.set(report.live_bytes as i64);
     METRICS.wal_records.set(report.records as i64);
     METRICS.dead_letters.set(report.dead_letters as i64);
-    for (&sink, lag) in sinks.iter().zip(&report.sinks) {
-        let labels = crate::metrics::Sink { sink };
+    for (sink, lag) in sinks.iter().zip(&report.sinks) {
+        let labels = crate::metrics::SinkLabel { sink: sink.name() };
         METRICS.sink_lag_records.get_or_create(&labels).set(lag.lag_records as i64);
         METRICS.sink_lag_seconds.get_or_create(&labels).set(lag.lag_seconds);
     }
@@ -287,7 +288,7 @@ pub(crate) fn wal_options(config: &Config) -> WalOptions {
         durability,
         max_bytes: config.wal.max_bytes,
         cache_bytes: config.wal.cache_bytes,
-        gating_cursors: config.enabled_sinks().into_iter().map(String::from).collect(),
+        gating_cursors: config.enabled_sinks().into_iter().map(|sink| sink.name().to_string()).collect(),
         // A new WAL starts at the current time in microseconds: seqs then read as times, and a host whose
         // WAL was wiped never reuses an old seq (generated ids also name the run, see `identity`). `wal
         // salvage` restarts there too at least, as it cannot tell how far a damaged last chunk reached.

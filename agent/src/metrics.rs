@@ -29,11 +29,11 @@ pub struct Code {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Sink {
+pub struct SinkLabel {
     pub sink: &'static str,
 }
 
-type HistogramFamily = Family<Sink, Histogram, fn() -> Histogram>;
+type HistogramFamily = Family<SinkLabel, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
     registry: Registry,
@@ -48,13 +48,13 @@ pub struct Metrics {
     pub wal_live_bytes: Gauge,
     pub wal_records: Gauge,
     pub dead_letters: Gauge,
-    pub sink_up: Family<Sink, Gauge>,
-    pub sink_lag_records: Family<Sink, Gauge>,
-    pub sink_lag_seconds: Family<Sink, Gauge<f64, AtomicU64>>,
+    pub sink_up: Family<SinkLabel, Gauge>,
+    pub sink_lag_records: Family<SinkLabel, Gauge>,
+    pub sink_lag_seconds: Family<SinkLabel, Gauge<f64, AtomicU64>>,
     pub sink_batch_rows: HistogramFamily,
     pub sink_commit_seconds: HistogramFamily,
-    pub sink_retries: Family<Sink, Counter>,
-    pub sink_outage_seconds: Family<Sink, Counter<f64, AtomicU64>>,
+    pub sink_retries: Family<SinkLabel, Counter>,
+    pub sink_outage_seconds: Family<SinkLabel, Counter<f64, AtomicU64>>,
     pub mysql_connections: Gauge,
     pub mysql_connections_in_use: Gauge,
     pub redis_pending_keys: Gauge,
@@ -236,40 +236,40 @@ impl Metrics {
     }
 
     /// The sink is configured (it shows in `status` and `/metrics` before its first write).
-    pub fn sink_enabled(&self, sink: &'static str) {
-        self.lock_health().entry(sink).or_default();
-        self.sink_up.get_or_create(&Sink { sink }).set(1);
+    pub fn sink_enabled(&self, sink: crate::sink::Sink) {
+        self.lock_health().entry(sink.name()).or_default();
+        self.sink_up.get_or_create(&SinkLabel { sink: sink.name() }).set(1);
     }
 
     /// A write failed and will be retried.
-    pub fn sink_failed(&self, sink: &'static str, error: &str) {
-        self.sink_retries.get_or_create(&Sink { sink }).inc();
-        self.sink_up.get_or_create(&Sink { sink }).set(0);
+    pub fn sink_failed(&self, sink: crate::sink::Sink, error: &str) {
+        self.sink_retries.get_or_create(&SinkLabel { sink: sink.name() }).inc();
+        self.sink_up.get_or_create(&SinkLabel { sink: sink.name() }).set(0);
         let mut health = self.lock_health();
-        let entry = health.entry(sink).or_default();
+        let entry = health.entry(sink.name()).or_default();
         entry.waiting_since.get_or_insert((Instant::now(), now_ms()));
         entry.last_error = Some((error.to_string(), now_ms()));
     }
 
     /// The sink cannot go on until an operator acts (say, a schema to migrate); checked again periodically.
-    pub fn sink_blocked(&self, sink: &'static str, problem: &str) {
-        self.sink_up.get_or_create(&Sink { sink }).set(0);
+    pub fn sink_blocked(&self, sink: crate::sink::Sink, problem: &str) {
+        self.sink_up.get_or_create(&SinkLabel { sink: sink.name() }).set(0);
         let mut health = self.lock_health();
-        let entry = health.entry(sink).or_default();
+        let entry = health.entry(sink.name()).or_default();
         entry.waiting_since.get_or_insert((Instant::now(), now_ms()));
         entry.last_error = Some((problem.to_string(), now_ms()));
     }
 
     /// A write went through.
-    pub fn sink_ok(&self, sink: &'static str) {
-        self.sink_up.get_or_create(&Sink { sink }).set(1);
-        self.lock_health().entry(sink).or_default().waiting_since = None;
+    pub fn sink_ok(&self, sink: crate::sink::Sink) {
+        self.sink_up.get_or_create(&SinkLabel { sink: sink.name() }).set(1);
+        self.lock_health().entry(sink.name()).or_default().waiting_since = None;
     }
 
     /// A batch was written: its size and how long it took.
-    pub fn sink_wrote(&self, sink: &'static str, rows: usize, took: Duration) {
-        self.sink_batch_rows.get_or_create(&Sink { sink }).observe(rows as f64);
-        self.sink_commit_seconds.get_or_create(&Sink { sink }).observe(took.as_secs_f64());
+    pub fn sink_wrote(&self, sink: crate::sink::Sink, rows: usize, took: Duration) {
+        self.sink_batch_rows.get_or_create(&SinkLabel { sink: sink.name() }).observe(rows as f64);
+        self.sink_commit_seconds.get_or_create(&SinkLabel { sink: sink.name() }).observe(took.as_secs_f64());
     }
 
     pub fn error(&self, code: &'static str) {
@@ -280,7 +280,7 @@ impl Metrics {
     pub fn tick_outages(&self, elapsed: Duration) {
         for (sink, health) in self.lock_health().iter() {
             if health.waiting_since.is_some() {
-                self.sink_outage_seconds.get_or_create(&Sink { sink }).inc_by(elapsed.as_secs_f64());
+                self.sink_outage_seconds.get_or_create(&SinkLabel { sink }).inc_by(elapsed.as_secs_f64());
             }
         }
     }
@@ -289,7 +289,7 @@ impl Metrics {
         self.lock_health()
             .iter()
             .map(|(sink, health)| {
-                let labels = Sink { sink };
+                let labels = SinkLabel { sink };
                 SinkStatus {
                     sink: sink.to_string(),
                     state: if health.waiting_since.is_some() { "waiting" } else { "ok" }.to_string(),

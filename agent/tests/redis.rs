@@ -240,7 +240,7 @@ fn connection_cuts_during_a_stream_converge_with_one_connection_at_a_time() {
     );
     // The last cut may have hit an idle connection: the mirror's idle check replaces it within seconds.
     wait_for_one_connection(&redis, &name);
-    agent.wait_for_log("Redis reachable again", 10);
+    agent.wait_for_log("Redis available again", 10);
     assert!(agent.log().contains("Redis unreachable"), "{}", agent.log());
 }
 
@@ -327,7 +327,7 @@ fn a_stalled_connection_is_replaced_and_nothing_is_lost() {
     std::thread::sleep(Duration::from_secs(2));
     proxy.set_stalled(false);
     expected.wait_for(&redis, 20, &agent);
-    agent.wait_for_log("Redis reachable again", 10);
+    agent.wait_for_log("Redis available again", 10);
     assert!(agent.log().contains("timed out"), "{}", agent.log());
     wait_for_one_connection(&redis, &format!("telemetry-agent:{agent_id}"));
 }

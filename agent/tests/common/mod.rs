@@ -53,7 +53,7 @@ impl Agent {
             .arg(&self.config_path)
             .env(
                 "RUST_LOG",
-                "warn,telemetry_wal=info,telemetry_agent::sink::mysql=info,telemetry_agent::cli=info,telemetry_agent::daemon=info,telemetry_agent::reload=info",
+                "warn,telemetry_wal=info,telemetry_agent::sink=info,telemetry_agent::cli=info,telemetry_agent::daemon=info,telemetry_agent::reload=info",
             )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())

@@ -23,11 +23,12 @@ use crate::event::{Event, Side};
 use crate::identity::Identity;
 use crate::metrics::METRICS;
 use crate::migrate::{self, SchemaState};
+use crate::sink::{blocking, pause, read_wal, Outage, Sink, Stopped};
 
 mod progress;
 use progress::{Committed, Progress};
 
-pub const SINK: &str = "mysql";
+pub const SINK: Sink = Sink::Mysql;
 
 /// Statement sizes: a batch is cut into statements of these row counts, so a handful of prepared
 /// statements per table serve every batch length, and a typical batch needs a few round trips.
@@ -128,7 +129,7 @@ struct Shared {
     identity: Arc<Identity>,
     /// Live: a config reload changes batch sizes, linger, retries and the write timeout.
     settings: watch::Receiver<ForwardSettings>,
-    outage: Mutex<Option<Outage>>,
+    outage: Mutex<Outage>,
     progress: Mutex<Progress>,
     shutdown: watch::Receiver<bool>,
     /// Watermarks to record on their own (one writer task, the latest value wins).
@@ -142,14 +143,6 @@ pub struct Totals {
     pub inserted: std::sync::atomic::AtomicU64,
     pub already_present: std::sync::atomic::AtomicU64,
 }
-
-struct Outage {
-    since: Instant,
-    retries: u64,
-}
-
-/// The forwarder was told to stop.
-struct Stopped;
 
 /// Why forwarding cannot start yet.
 enum StartError {
@@ -173,7 +166,7 @@ impl Forwarder {
             pool,
             identity,
             settings,
-            outage: Mutex::new(None),
+            outage: Mutex::new(Outage::new(SINK)),
             progress: Mutex::new(Progress::default()),
             shutdown: shutdown.clone(),
             offset_catch_up: watch::channel(0).0,
@@ -245,7 +238,8 @@ impl Forwarder {
         loop {
             durable.borrow_and_update();
             let settings = *reloaded.borrow_and_update();
-            let more = read_after(&self.shared.wal, last, settings.max_batch_rows.saturating_sub(batch.len())).await;
+            let (wal, max) = (self.shared.wal.clone(), settings.max_batch_rows.saturating_sub(batch.len()));
+            let more = read_wal(SINK, last, move || wal.read_after(last, max), &mut self.shutdown).await?;
             for record in more {
                 if !batch.is_empty() && bytes + record.payload.len() > settings.max_batch_bytes {
                     return Ok(batch);
@@ -289,7 +283,7 @@ impl Shared {
         self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lock_outage(&self) -> std::sync::MutexGuard<'_, Option<Outage>> {
+    fn lock_outage(&self) -> std::sync::MutexGuard<'_, Outage> {
         self.outage.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -298,7 +292,7 @@ impl Shared {
     fn committed(&self, first: u64, offset_written: u64) {
         let Committed { moved, lagging } = self.lock_progress().committed(first, offset_written);
         if let Some(watermark) = moved {
-            if let Err(e) = self.wal.set_cursor(SINK, watermark) {
+            if let Err(e) = self.wal.set_cursor(SINK.name(), watermark) {
                 // MySQL has the rows and the offset; a restart resumes from there.
                 tracing::error!(error = %e, seq = watermark, "cannot move the local mysql cursor");
             }
@@ -316,7 +310,7 @@ impl Shared {
             let mut conn = self.pool.get_conn().await?;
             conn.exec_drop(
                 OFFSET_UPSERT,
-                (self.identity.agent_id(), self.identity.run_id(), SINK, watermark, watermark),
+                (self.identity.agent_id(), self.identity.run_id(), SINK.name(), watermark, watermark),
             )
             .await
         };
@@ -344,11 +338,11 @@ impl Shared {
             let problem = match result {
                 Ok(committed) => {
                     self.end_outage();
-                    let local = self.wal.cursor(SINK).unwrap_or(0);
+                    let local = self.wal.cursor(SINK.name()).unwrap_or(0);
                     if committed > local {
                         // A crash between COMMIT and the cursor update.
                         tracing::info!(local, committed, "an earlier run committed more than the local cursor says");
-                        if let Err(e) = self.wal.set_cursor(SINK, committed) {
+                        if let Err(e) = self.wal.set_cursor(SINK.name(), committed) {
                             tracing::error!(error = %e, "cannot move the local mysql cursor");
                         }
                     }
@@ -401,7 +395,8 @@ impl Shared {
             "SELECT MAX(last_seq) FROM telemetry_run_offsets WHERE agent_id = ? AND sink = ? AND run_id IN ({})",
             vec!["?"; earlier.len()].join(",")
         );
-        let params: Vec<Value> = [self.identity.agent_id(), SINK].into_iter().chain(earlier).map(Value::from).collect();
+        let params: Vec<Value> =
+            [self.identity.agent_id(), SINK.name()].into_iter().chain(earlier).map(Value::from).collect();
         let committed: Option<Option<u64>> = conn.exec_first(sql, params).await.map_err(unreachable)?;
         Ok(committed.flatten().unwrap_or(0).min(first_seq.saturating_sub(1)))
     }
@@ -501,103 +496,42 @@ impl Shared {
         let event_id = event.map(|e| self.identity.event_id(e.client_event_id(), record.seq));
         let profile_id = event.map(Event::profile_id);
         let letter = DeadLetter {
-            sink: SINK.to_string(),
+            sink: SINK.name().to_string(),
             seq: record.seq,
             error: error.to_string(),
             at_ms: now_ms(),
             payload: record.payload.clone(),
         };
         let wal = self.wal.clone();
-        match tokio::task::spawn_blocking(move || wal.add_dead_letter(&letter)).await {
-            Ok(Ok(())) => {
-                tracing::error!(
-                    seq = record.seq,
-                    event_id,
-                    profile_id,
-                    error,
-                    "MySQL refused an event; moved to dead letters"
-                );
-                Ok(())
-            }
-            Ok(Err(e)) => Err(format!("cannot store a dead letter: {e}")),
-            Err(e) => Err(format!("dead letter task failed: {e}")),
-        }
+        blocking(move || wal.add_dead_letter(&letter)).await.map_err(|e| format!("cannot store a dead letter: {e}"))?;
+        tracing::error!(seq = record.seq, event_id, profile_id, error, "MySQL refused an event; moved to dead letters");
+        Ok(())
     }
 
     fn note_failure(&self, error: &str) {
-        METRICS.sink_failed(SINK, error);
-        let mut outage = self.lock_outage();
-        match &mut *outage {
-            Some(outage) => {
-                outage.retries += 1;
-                tracing::debug!(error, retries = outage.retries, "MySQL still unavailable");
-            }
-            None => {
-                tracing::warn!(
-                    error,
-                    records_held = self.records_held(),
-                    "MySQL unavailable; events stay in the WAL and are forwarded when it answers"
-                );
-                *outage = Some(Outage { since: Instant::now(), retries: 0 });
-            }
-        }
+        self.lock_outage().failed(error, || Some(self.records_held()));
     }
 
     fn end_outage(&self) {
-        METRICS.sink_ok(SINK);
-        if let Some(outage) = self.lock_outage().take() {
-            tracing::info!(
-                outage_secs = format!("{:.1}", outage.since.elapsed().as_secs_f64()),
-                retries = outage.retries,
-                records_held = self.records_held(),
-                "MySQL available again"
-            );
-        }
+        self.lock_outage().ended(|| Some(self.records_held()));
     }
 
     /// Records in the WAL that MySQL does not have yet.
     fn records_held(&self) -> u64 {
         let Ok(stats) = self.wal.stats() else { return 0 };
         let Some(first) = stats.first_seq else { return 0 };
-        let from = self.wal.cursor(SINK).unwrap_or(0).max(first - 1);
+        let from = self.wal.cursor(SINK.name()).unwrap_or(0).max(first - 1);
         stats.last_seq.saturating_sub(from)
     }
 
-    /// Exponential backoff with jitter, capped.
     async fn backoff(&self) -> Result<(), Stopped> {
-        let retries = self.lock_outage().as_ref().map_or(0, |o| o.retries).min(16) as u32;
         let settings = self.settings();
-        let ceiling = settings.retry_initial.saturating_mul(1 << retries).min(settings.retry_max);
-        let delay = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
+        let delay = self.lock_outage().backoff(settings.retry_initial, settings.retry_max);
         self.sleep(delay).await
     }
 
     async fn sleep(&self, delay: Duration) -> Result<(), Stopped> {
-        let mut shutdown = self.shutdown.clone();
-        if *shutdown.borrow() {
-            return Err(Stopped);
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => Ok(()),
-            _ = shutdown.changed() => Err(Stopped),
-        }
-    }
-}
-
-async fn read_after(wal: &Wal, after: u64, max: usize) -> Vec<Record> {
-    let wal = wal.clone();
-    match tokio::task::spawn_blocking(move || wal.read_after(after, max)).await {
-        Ok(Ok(records)) => records,
-        Ok(Err(e)) => {
-            // A damaged WAL: stop forwarding past it rather than skip records. The operator sees this.
-            tracing::error!(error = %e, after_seq = after, "cannot read the WAL; forwarding is stuck here");
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            Vec::new()
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "WAL read task failed");
-            Vec::new()
-        }
+        pause(delay, &mut self.shutdown.clone()).await
     }
 }
 
@@ -670,7 +604,7 @@ pub async fn write_rows(
         inserted += table_inserted;
     }
     let offset = offset();
-    tx.exec_drop(OFFSET_UPSERT, (identity.agent_id(), identity.run_id(), SINK, offset, offset)).await?;
+    tx.exec_drop(OFFSET_UPSERT, (identity.agent_id(), identity.run_id(), SINK.name(), offset, offset)).await?;
     tx.commit().await?;
     let total = rows.len() as u64;
     Ok(Written { inserted, already_present: total.saturating_sub(inserted), offset })

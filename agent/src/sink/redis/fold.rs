@@ -1,14 +1,14 @@
 //! The fold: tails the WAL from cursor `redis` into the mirror's table, the newest entry per key.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use telemetry_wal::{Table, Wal, MAX_RECORD_BYTES};
 
 use super::table::Latest;
-use super::{Mirror, Stopped, SINK};
+use super::{Mirror, SINK};
 use crate::identity::Identity;
 use crate::metrics::METRICS;
+use crate::sink::{read_wal, Stopped};
 
 /// Records folded per step...
 const FOLD_BATCH: usize = 10_000;
@@ -19,7 +19,7 @@ impl Mirror {
     pub(super) async fn fold(&self) -> Result<(), Stopped> {
         let mut shutdown = self.shutdown.clone();
         let mut durable = self.wal.subscribe();
-        let mut after = match self.wal.cursor(SINK) {
+        let mut after = match self.wal.cursor(SINK.name()) {
             Ok(seq) => seq,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the redis cursor; the mirror is off until a restart");
@@ -32,32 +32,18 @@ impl Mirror {
                 return Err(Stopped);
             }
             durable.borrow_and_update();
-            let step = {
-                let (wal, table, identity) = (self.wal.clone(), self.table.clone(), self.identity.clone());
-                tokio::task::spawn_blocking(move || fold_step(&wal, &table, &identity, after)).await
-            };
-            match step {
-                Ok(Ok(Some(Folded { last_seq, changed }))) => {
-                    after = last_seq;
-                    if !changed.is_empty() {
-                        let mut dirty = self.lock_dirty();
-                        dirty.mark(changed);
-                        METRICS.redis_pending_keys.set((dirty.keys.len() + dirty.parked.len()) as i64);
-                        drop(dirty);
-                        self.changed.notify_one();
-                    }
-                    continue;
+            let (wal, table, identity) = (self.wal.clone(), self.table.clone(), self.identity.clone());
+            let step = read_wal(SINK, after, move || fold_step(&wal, &table, &identity, after), &mut shutdown).await?;
+            if let Some(Folded { last_seq, changed }) = step {
+                after = last_seq;
+                if !changed.is_empty() {
+                    let mut dirty = self.lock_dirty();
+                    dirty.mark(changed);
+                    METRICS.redis_pending_keys.set((dirty.keys.len() + dirty.parked.len()) as i64);
+                    drop(dirty);
+                    self.changed.notify_one();
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => {
-                    // A damaged WAL or a failing disk: stop here rather than skip records. The operator sees it.
-                    tracing::error!(error = %e, after_seq = after, "the Redis mirror cannot fold the WAL; retrying in 10 s");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(10)) => continue,
-                        _ = shutdown.changed() => return Err(Stopped),
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "the mirror's fold task failed"),
+                continue;
             }
             tokio::select! {
                 _ = durable.changed() => {}
@@ -125,7 +111,7 @@ fn fold_step(
     let changed: Vec<Vec<u8>> = writes.iter().map(|(k, _)| k.clone()).collect();
     table.insert_all(writes)?;
     // After the table write: a crash between the two refolds these records, which changes nothing.
-    wal.set_cursor(SINK, last_seq)?;
+    wal.set_cursor(SINK.name(), last_seq)?;
     Ok(Some(Folded { last_seq, changed }))
 }
 

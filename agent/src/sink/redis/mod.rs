@@ -28,10 +28,11 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::{mask_url, read_secret_file, RedisConfig};
 use crate::identity::Identity;
+use crate::sink::Sink;
 use dirty::Dirty;
 use table::{metric_key, Latest, TABLE};
 
-pub const SINK: &str = "redis";
+pub const SINK: Sink = Sink::Redis;
 
 /// Writes one profile's newest metrics and trade, each only if it is newer than what Redis holds.
 /// KEYS: metrics hash, metrics_ts hash, profiles set, last_trade string, order hash.
@@ -130,9 +131,6 @@ pub struct Mirror {
     resync: Arc<std::sync::atomic::AtomicBool>,
     shutdown: watch::Receiver<bool>,
 }
-
-/// The mirror was told to stop.
-struct Stopped;
 
 impl Mirror {
     pub fn new(

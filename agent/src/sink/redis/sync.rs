@@ -11,10 +11,10 @@ use telemetry_wal::Table;
 
 use super::dirty::Outcome;
 use super::table::{order, Latest};
-use super::{Mirror, Stopped, SINK};
-use crate::config::mask_url;
+use super::{Mirror, SINK};
 use crate::event::rfc3339_us;
 use crate::metrics::METRICS;
+use crate::sink::{blocking, pause, Outage, Stopped};
 
 /// Table entries pushed per pipeline...
 const SYNC_BATCH: usize = 10_000;
@@ -52,8 +52,7 @@ impl Mirror {
     pub(super) async fn sync(&self) -> Result<(), Stopped> {
         let mut shutdown = self.shutdown.clone();
         let mut conn: Option<MultiplexedConnection> = None;
-        let mut outage: Option<(Instant, String)> = None;
-        let mut backoff = RETRY_INITIAL;
+        let mut outage = Outage::new(SINK);
         loop {
             let retry_max = Duration::from_millis(self.config().retry_max_ms);
             self.lock_dirty().unpark(retry_max);
@@ -96,14 +95,7 @@ impl Mirror {
                 // Only a write that went through ends an outage: a connection that cannot write is no better.
                 Ok(Step::Connected) => continue,
                 Ok(Step::Pushed | Step::Idle) => {
-                    METRICS.sink_ok(SINK);
-                    if let Some((since, _)) = outage.take() {
-                        tracing::warn!(
-                            outage_secs = since.elapsed().as_secs_f64(),
-                            "Redis reachable again; catching up"
-                        );
-                    }
-                    backoff = RETRY_INITIAL;
+                    outage.ended(|| None);
                     continue;
                 }
                 Err(SyncError::Connection(e)) => {
@@ -116,21 +108,8 @@ impl Mirror {
                     e
                 }
             };
-            METRICS.sink_failed(SINK, &error);
-            match &outage {
-                None => {
-                    tracing::warn!(error, url = %mask_url(&self.config().url), "Redis mirror waiting; retrying (the newest values are kept meanwhile)");
-                    outage = Some((Instant::now(), error));
-                }
-                Some((_, last)) if *last != error => tracing::debug!(error, "Redis mirror still waiting"),
-                Some(_) => {}
-            }
-            let wait = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
-            backoff = (backoff * 2).min(retry_max);
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return Err(Stopped),
-            }
+            outage.failed(&error, || None);
+            pause(outage.backoff(RETRY_INITIAL, retry_max), &mut shutdown).await?;
         }
     }
 
@@ -165,14 +144,9 @@ impl Mirror {
 
     async fn mark_all_dirty(&self) -> Result<(), String> {
         let table = self.table.clone();
-        match tokio::task::spawn_blocking(move || table.keys()).await {
-            Ok(Ok(keys)) => {
-                self.lock_dirty().mark(keys);
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("the table read task failed: {e}")),
-        }
+        let keys = blocking(move || table.keys()).await?;
+        self.lock_dirty().mark(keys);
+        Ok(())
     }
 
     /// Pushes up to [`SYNC_BATCH`] dirty entries (at most [`SYNC_BATCH_BYTES`]) in one pipeline. A script
@@ -203,11 +177,7 @@ impl Mirror {
     ) -> Result<(), SyncError> {
         let profiles = {
             let (table, keys) = (self.table.clone(), taken.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>());
-            match tokio::task::spawn_blocking(move || read_profiles(&table, keys)).await {
-                Ok(Ok(profiles)) => profiles,
-                Ok(Err(e)) => return Err(SyncError::Local(e.to_string())),
-                Err(e) => return Err(SyncError::Local(format!("the table read task failed: {e}"))),
-            }
+            blocking(move || read_profiles(&table, keys)).await.map_err(SyncError::Local)?
         };
         let config = self.config();
         let channel = if config.publish_updates { format!("{}:updates", config.key_prefix) } else { String::new() };
