@@ -10,10 +10,10 @@
 //! consecutive records (keyed by its first seq, big-endian, so sled iterates in order); a *group commit*
 //! writes one or more chunks with one flush.
 
+mod append;
 mod chunk;
 mod error;
 mod mark;
-mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -21,13 +21,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
+pub use append::{Appender, Pending, MAX_RECORD_BYTES};
 pub use error::WalError;
 
+use append::{Request, Writer};
 use chunk::Chunk;
 use mark::AckMark;
-use writer::{Request, Writer};
 
 /// When an append counts as durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,11 +82,7 @@ pub const PRESSURE_RECORDS_DIVISOR: u64 = 8;
 /// ...or the directory this percentage of it: well before appends would be refused.
 pub const PRESSURE_DISK_PERCENT: u64 = 80;
 
-/// The largest payload one record may carry. Bounded so that a sled leaf (at most 17 values) never
-/// exceeds sled's blob threshold: sled writes blobs to separate files that it never fsyncs.
-pub const MAX_RECORD_BYTES: usize = 112 * 1024;
-
-/// sled's log segment size. A message larger than a quarter of it becomes a blob (see above).
+/// sled's log segment size. A message larger than a quarter of it becomes a blob (see `MAX_RECORD_BYTES`).
 const SEGMENT_BYTES: usize = 8 << 20;
 
 /// One durable record.
@@ -134,7 +131,7 @@ pub struct WalStats {
 impl WalStats {
     /// Whether appends are refused with [`WalError::Full`] now (one more byte would not fit).
     pub fn is_full(&self) -> bool {
-        writer::at_cap(self.disk_bytes + 1, self.live_bytes + 1, self.max_bytes)
+        append::at_cap(self.disk_bytes + 1, self.live_bytes + 1, self.max_bytes)
     }
 }
 
@@ -245,7 +242,7 @@ impl Wal {
         let writer = Writer::new(db.clone(), records.clone(), meta.clone(), shared.clone(), &options, next_seq, rx);
         let mark_syncer = {
             let shared = shared.clone();
-            move || writer::mark_syncer(shared)
+            move || append::mark_syncer(shared)
         };
         let mut threads = vec![
             std::thread::Builder::new()
@@ -259,7 +256,7 @@ impl Wal {
         ];
         if let Durability::Interval { interval_ms } = options.durability {
             let (db, shared) = (db.clone(), shared.clone());
-            let flusher = move || writer::interval_flusher(db, shared, interval_ms);
+            let flusher = move || append::interval_flusher(db, shared, interval_ms);
             threads.push(
                 std::thread::Builder::new()
                     .name("wal-flusher".into())
@@ -287,11 +284,6 @@ impl Wal {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
-    }
-
-    /// A handle for producers.
-    pub fn appender(&self) -> Appender {
-        Appender { tx: self.inner.tx.clone() }
     }
 
     /// Up to `max_records` durable records with `seq > after`, in order.
@@ -415,7 +407,7 @@ impl Wal {
             || shared.disk_bytes.load(Ordering::Relaxed).saturating_mul(100)
                 >= options.max_bytes.saturating_mul(PRESSURE_DISK_PERCENT);
         let retain_ms = u64::try_from(options.retain.as_millis()).unwrap_or(u64::MAX);
-        let keep_newer_than_ms = (retain_ms > 0 && !under_pressure).then(|| writer::now_ms().saturating_sub(retain_ms));
+        let keep_newer_than_ms = (retain_ms > 0 && !under_pressure).then(|| append::now_ms().saturating_sub(retain_ms));
         let mut batch = sled::Batch::default();
         let mut removed = 0;
         let mut freed_bytes = 0;
@@ -603,52 +595,6 @@ pub mod fuzzing {
     }
 }
 
-/// A producer's handle: cheap to clone.
-#[derive(Clone)]
-pub struct Appender {
-    tx: mpsc::Sender<Request>,
-}
-
-/// An append the writer has accepted; resolves once the record is durable (per the durability mode).
-#[must_use = "an append is not durable until its Pending resolves"]
-pub struct Pending(oneshot::Receiver<Result<u64, WalError>>);
-
-impl Appender {
-    /// Queues `payload`, waiting for room in the queue. The returned [`Pending`] yields the record's seq.
-    pub async fn append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
-        let (request, pending) = Self::request(payload)?;
-        self.tx.send(request).await.map_err(|_| WalError::Closed)?;
-        Ok(pending)
-    }
-
-    /// [`Appender::append`] for threads outside an async runtime.
-    pub fn blocking_append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
-        let (request, pending) = Self::request(payload)?;
-        self.tx.blocking_send(request).map_err(|_| WalError::Closed)?;
-        Ok(pending)
-    }
-
-    fn request(payload: Vec<u8>) -> Result<(Request, Pending), WalError> {
-        if payload.len() > MAX_RECORD_BYTES {
-            return Err(WalError::TooLarge { len: payload.len(), max: MAX_RECORD_BYTES });
-        }
-        let (reply, rx) = oneshot::channel();
-        Ok((Request::Append { payload, reply }, Pending(rx)))
-    }
-}
-
-impl Pending {
-    /// Waits until the record is durable and returns its seq.
-    pub async fn durable(self) -> Result<u64, WalError> {
-        self.0.await.map_err(|_| WalError::Closed)?
-    }
-
-    /// [`Pending::durable`] for threads outside an async runtime.
-    pub fn blocking_durable(self) -> Result<u64, WalError> {
-        self.0.blocking_recv().map_err(|_| WalError::Closed)?
-    }
-}
-
 impl Shared {
     fn lock_failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         self.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -684,7 +630,7 @@ impl Shared {
     }
 
     fn sync_data(&self) -> Result<(), WalError> {
-        fail::fail_point!("wal::sync_data", |_| Err(writer::injected(&self.dir, "fdatasync sled's data file")));
+        fail::fail_point!("wal::sync_data", |_| Err(crate::error::injected(&self.dir, "fdatasync sled's data file")));
         self.data_file.sync_data().map_err(|e| WalError::io(&self.dir, "fdatasync sled's data file", e))?;
         self.data_syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -1,5 +1,9 @@
-//! The group-commit writer: one thread drains the request queue, writes everything it got with one
-//! flush, then answers every waiter.
+//! Append: producers queue records through an [`Appender`]; the group-commit writer, one thread, drains the
+//! request queue, writes everything it got with one flush, then answers every waiter.
+//!
+//! On disk: each group becomes chunks of about `CHUNK_TARGET_BYTES` in the `records` tree, keyed by their
+//! first seq and written in one sled batch. In interval mode the writer also keeps a seq lease in `meta`,
+//! synced before any seq under it is handed out, so that seqs lost in a crash are never handed out again.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,11 +12,68 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chunk::Chunk;
-use crate::{Durability, Shared, WalError, WalOptions, META_SEQ_LEASE};
+use crate::{Durability, Shared, Wal, WalError, WalOptions, META_SEQ_LEASE};
 
 pub(crate) enum Request {
     Append { payload: Vec<u8>, reply: oneshot::Sender<Result<u64, WalError>> },
     Close,
+}
+
+/// The largest payload one record may carry. Bounded so that a sled leaf (at most 17 values) never
+/// exceeds sled's blob threshold: sled writes blobs to separate files that it never fsyncs.
+pub const MAX_RECORD_BYTES: usize = 112 * 1024;
+
+/// A producer's handle: cheap to clone.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<Request>,
+}
+
+/// An append the writer has accepted; resolves once the record is durable (per the durability mode).
+#[must_use = "an append is not durable until its Pending resolves"]
+pub struct Pending(oneshot::Receiver<Result<u64, WalError>>);
+
+impl Appender {
+    /// Queues `payload`, waiting for room in the queue. The returned [`Pending`] yields the record's seq.
+    pub async fn append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
+        let (request, pending) = Self::request(payload)?;
+        self.tx.send(request).await.map_err(|_| WalError::Closed)?;
+        Ok(pending)
+    }
+
+    /// [`Appender::append`] for threads outside an async runtime.
+    pub fn blocking_append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
+        let (request, pending) = Self::request(payload)?;
+        self.tx.blocking_send(request).map_err(|_| WalError::Closed)?;
+        Ok(pending)
+    }
+
+    fn request(payload: Vec<u8>) -> Result<(Request, Pending), WalError> {
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(WalError::TooLarge { len: payload.len(), max: MAX_RECORD_BYTES });
+        }
+        let (reply, rx) = oneshot::channel();
+        Ok((Request::Append { payload, reply }, Pending(rx)))
+    }
+}
+
+impl Pending {
+    /// Waits until the record is durable and returns its seq.
+    pub async fn durable(self) -> Result<u64, WalError> {
+        self.0.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// [`Pending::durable`] for threads outside an async runtime.
+    pub fn blocking_durable(self) -> Result<u64, WalError> {
+        self.0.blocking_recv().map_err(|_| WalError::Closed)?
+    }
+}
+
+impl Wal {
+    /// A handle for producers.
+    pub fn appender(&self) -> Appender {
+        Appender { tx: self.inner.tx.clone() }
+    }
 }
 
 /// Bounds on one group commit: enough to amortise a flush, small enough to keep latency and memory low.
@@ -184,7 +245,7 @@ impl Writer {
         chunk_bytes_total += value.len() as u64;
         batch.insert(&key, value);
         self.records.apply_batch(batch).map_err(|e| WalError::sled(dir, "append", e))?;
-        fail::fail_point!("wal::after_append", |_| Err(injected(dir, "flush")));
+        fail::fail_point!("wal::after_append", |_| Err(crate::error::injected(dir, "flush")));
         self.shared.live_bytes.fetch_add(chunk_bytes_total, Ordering::Relaxed);
         self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
 
@@ -247,12 +308,6 @@ pub(crate) fn mark_syncer(shared: Arc<Shared>) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The error a fail point injects: what a failing disk returns.
-#[cfg(feature = "failpoints")]
-pub(crate) fn injected(dir: &std::path::Path, what: &'static str) -> WalError {
-    WalError::io(dir, what, std::io::Error::other("injected by a fail point"))
 }
 
 pub(crate) fn now_ms() -> u64 {
