@@ -12,7 +12,11 @@
 
 mod append;
 mod chunk;
+mod dead_letters;
 mod error;
+/// Entry points for the fuzz targets in `fuzz/` (not part of the API).
+#[doc(hidden)]
+pub mod fuzzing;
 mod mark;
 
 use std::fs::File;
@@ -24,6 +28,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, watch};
 
 pub use append::{Appender, Pending, MAX_RECORD_BYTES};
+pub use dead_letters::DeadLetter;
 pub use error::WalError;
 
 use append::{Request, Writer};
@@ -91,17 +96,6 @@ pub struct Record {
     pub seq: u64,
     /// Milliseconds since the Unix epoch at which the group holding this record was written.
     pub appended_at_ms: u64,
-    pub payload: Vec<u8>,
-}
-
-/// A record a sink could not deliver, kept with the reason until an operator retries or drops it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    pub sink: String,
-    pub seq: u64,
-    pub error: String,
-    /// Milliseconds since the Unix epoch when it was dead-lettered.
-    pub at_ms: u64,
     pub payload: Vec<u8>,
 }
 
@@ -344,42 +338,6 @@ impl Wal {
         self.flush()
     }
 
-    /// Keeps a record a sink could not deliver, durably, before returning. Adding the same (sink, seq) again
-    /// replaces the earlier entry.
-    pub fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), WalError> {
-        let value = chunk::encode_dead_letter(letter);
-        self.inner
-            .dead_letters
-            .insert(dead_letter_key(&letter.sink, letter.seq), value)
-            .map_err(|e| self.sled_err("write a dead letter", e))?;
-        self.flush()
-    }
-
-    /// Every dead letter, by sink then seq.
-    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, WalError> {
-        let mut out = Vec::new();
-        for entry in self.inner.dead_letters.iter() {
-            let (key, value) = entry.map_err(|e| self.sled_err("read dead letters", e))?;
-            let letter = chunk::decode_dead_letter(&key, &value).map_err(|reason| WalError::Corrupt {
-                dir: self.inner.dir.clone(),
-                detail: format!("dead letter: {reason}"),
-            })?;
-            out.push(letter);
-        }
-        Ok(out)
-    }
-
-    /// Removes a dead letter (after it was retried or dropped); true if it existed.
-    pub fn remove_dead_letter(&self, sink: &str, seq: u64) -> Result<bool, WalError> {
-        let old = self
-            .inner
-            .dead_letters
-            .remove(dead_letter_key(sink, seq))
-            .map_err(|e| self.sled_err("remove a dead letter", e))?;
-        self.flush()?;
-        Ok(old.is_some())
-    }
-
     /// Flushes everything written so far (cursors included) and syncs it to disk. A failure fails the WAL
     /// (see [`Wal::failure`]); after one, this returns [`WalError::Failed`].
     pub fn flush(&self) -> Result<(), WalError> {
@@ -568,30 +526,6 @@ impl Table {
 
     pub fn is_empty(&self) -> bool {
         self.tree.is_empty()
-    }
-}
-
-/// Entry points for the fuzz targets in `fuzz/` (not part of the API).
-#[doc(hidden)]
-pub mod fuzzing {
-    /// Decodes `value` as a stored chunk as it is, and again with its checksum made valid so that the body
-    /// decoder is reached; reads every record. Must never panic.
-    pub fn decode_chunk(value: &[u8]) {
-        let key = 1u64.to_be_bytes();
-        let mut fixed = value.to_vec();
-        if fixed.len() >= 5 {
-            let crc = crc32fast::hash(&fixed[5..]);
-            fixed[1..5].copy_from_slice(&crc.to_le_bytes());
-        }
-        for bytes in [value, &fixed[..]] {
-            if let Ok(chunk) = super::Chunk::decode(&key, bytes) {
-                let _ = chunk.last_seq();
-                for (_, payload) in chunk.records() {
-                    std::hint::black_box(payload);
-                }
-            }
-        }
-        let _ = super::chunk::decode_dead_letter(&[b'm', 0, 0, 0, 0, 0, 0, 0, 0, 1], value);
     }
 }
 
@@ -839,10 +773,6 @@ impl Wal {
         }
         Ok(salvage)
     }
-}
-
-fn dead_letter_key(sink: &str, seq: u64) -> Vec<u8> {
-    [sink.as_bytes(), &[0], &seq.to_be_bytes()].concat()
 }
 
 fn label_key(name: &str) -> Vec<u8> {
