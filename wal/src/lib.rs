@@ -18,6 +18,9 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod mark;
+mod read;
+mod tables;
+mod truncate;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -30,10 +33,14 @@ use tokio::sync::{mpsc, watch};
 pub use append::{Appender, Pending, MAX_RECORD_BYTES};
 pub use dead_letters::DeadLetter;
 pub use error::WalError;
+pub use read::Record;
+pub use tables::Table;
+pub use truncate::{PRESSURE_DISK_PERCENT, PRESSURE_RECORDS_DIVISOR};
 
 use append::{Request, Writer};
 use chunk::Chunk;
 use mark::AckMark;
+use truncate::META_HIGH_WATER;
 
 /// When an append counts as durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,22 +89,8 @@ impl Default for WalOptions {
     }
 }
 
-/// Truncation ignores `retain` once records fill 1/this of `max_bytes`...
-pub const PRESSURE_RECORDS_DIVISOR: u64 = 8;
-/// ...or the directory this percentage of it: well before appends would be refused.
-pub const PRESSURE_DISK_PERCENT: u64 = 80;
-
 /// sled's log segment size. A message larger than a quarter of it becomes a blob (see `MAX_RECORD_BYTES`).
 const SEGMENT_BYTES: usize = 8 << 20;
-
-/// One durable record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub seq: u64,
-    /// Milliseconds since the Unix epoch at which the group holding this record was written.
-    pub appended_at_ms: u64,
-    pub payload: Vec<u8>,
-}
 
 /// A point-in-time view of the WAL.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -176,10 +169,7 @@ struct Shared {
     dir: PathBuf,
 }
 
-const META_HIGH_WATER: &[u8] = b"high_water";
 const META_SEQ_LEASE: &[u8] = b"seq_lease";
-const LABEL_PREFIX: &[u8] = b"label/";
-const TABLE_PREFIX: &[u8] = b"table/";
 const LOCK_FILE: &str = "wal.lock";
 /// Requests waiting for the writer; beyond this, `append` waits (backpressure).
 const QUEUE_CAPACITY: usize = 16 * 1024;
@@ -280,143 +270,10 @@ impl Wal {
         &self.inner.dir
     }
 
-    /// Up to `max_records` durable records with `seq > after`, in order.
-    pub fn read_after(&self, after: u64, max_records: usize) -> Result<Vec<Record>, WalError> {
-        let durable = *self.inner.shared.durable_seq.borrow();
-        let mut out = Vec::new();
-        if after >= durable || max_records == 0 {
-            return Ok(out);
-        }
-        let from = after + 1;
-        // The chunk holding `from` starts at or before it.
-        let start = match self.inner.records.range(..=from.to_be_bytes()).next_back() {
-            Some(entry) => entry.map_err(|e| self.sled_err("read the WAL", e))?.0,
-            None => sled::IVec::from(&from.to_be_bytes()),
-        };
-        for entry in self.inner.records.range(start..) {
-            let (key, value) = entry.map_err(|e| self.sled_err("read the WAL", e))?;
-            let chunk = Chunk::decode(&key, &value).map_err(|reason| self.corrupt(&key, reason))?;
-            for (seq, payload) in chunk.records() {
-                if seq > durable || out.len() == max_records {
-                    return Ok(out);
-                }
-                if seq >= from {
-                    out.push(Record { seq, appended_at_ms: chunk.appended_at_ms, payload: payload.to_vec() });
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// The newest durable seq, and a way to wait for it to move.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.inner.shared.durable_seq.subscribe()
-    }
-
-    /// The last seq the named cursor has passed (0 if it was never set).
-    pub fn cursor(&self, name: &str) -> Result<u64, WalError> {
-        let value = self.inner.cursors.get(name).map_err(|e| self.sled_err("read a cursor", e))?;
-        Ok(value.map_or(0, |v| be_u64(&v)))
-    }
-
-    /// Moves the named cursor to `seq`. Persisted with the next flush (group commit, truncation or
-    /// [`Wal::flush`]); after a crash a cursor may be found behind, never ahead.
-    pub fn set_cursor(&self, name: &str, seq: u64) -> Result<(), WalError> {
-        self.inner.cursors.insert(name, &seq.to_be_bytes()).map_err(|e| self.sled_err("write a cursor", e))?;
-        Ok(())
-    }
-
-    /// A small persisted string under `name` (the agent keeps its identity here).
-    pub fn label(&self, name: &str) -> Result<Option<String>, WalError> {
-        let value = self.inner.meta.get(label_key(name)).map_err(|e| self.sled_err("read a label", e))?;
-        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
-
-    /// Sets a label and makes it durable before returning.
-    pub fn set_label(&self, name: &str, value: &str) -> Result<(), WalError> {
-        self.inner.meta.insert(label_key(name), value.as_bytes()).map_err(|e| self.sled_err("write a label", e))?;
-        self.flush()
-    }
-
     /// Flushes everything written so far (cursors included) and syncs it to disk. A failure fails the WAL
     /// (see [`Wal::failure`]); after one, this returns [`WalError::Failed`].
     pub fn flush(&self) -> Result<(), WalError> {
         self.inner.shared.flush_and_sync(&self.inner.db)
-    }
-
-    /// Drops every chunk whose records all gating cursors have passed, and returns how many records went.
-    /// With no gating cursors it does nothing.
-    pub fn truncate(&self) -> Result<u64, WalError> {
-        let mut upto = u64::MAX;
-        for name in &self.inner.options.gating_cursors {
-            upto = upto.min(self.cursor(name)?);
-        }
-        if self.inner.options.gating_cursors.is_empty() {
-            return Ok(0);
-        }
-        let durable = *self.inner.shared.durable_seq.borrow();
-        upto = upto.min(durable);
-        let options = &self.inner.options;
-        // Well before appends would be refused (the directory at the cap with records filling a quarter of it):
-        // records reaching an eighth of the cap, or the directory 80% of it.
-        let shared = &self.inner.shared;
-        let under_pressure = shared.live_bytes.load(Ordering::Relaxed).saturating_mul(PRESSURE_RECORDS_DIVISOR)
-            >= options.max_bytes
-            || shared.disk_bytes.load(Ordering::Relaxed).saturating_mul(100)
-                >= options.max_bytes.saturating_mul(PRESSURE_DISK_PERCENT);
-        let retain_ms = u64::try_from(options.retain.as_millis()).unwrap_or(u64::MAX);
-        let keep_newer_than_ms = (retain_ms > 0 && !under_pressure).then(|| append::now_ms().saturating_sub(retain_ms));
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        let mut freed_bytes = 0;
-        let mut chunks = self.inner.records.range(..=upto.to_be_bytes()).peekable();
-        while let Some(entry) = chunks.next() {
-            let (key, value) = entry.map_err(|e| self.sled_err("scan the WAL", e))?;
-            if let Some(limit) = keep_newer_than_ms {
-                let chunk = Chunk::decode(&key, &value).map_err(|reason| self.corrupt(&key, reason))?;
-                if chunk.appended_at_ms > limit {
-                    break;
-                }
-            }
-            // A chunk ends where the next one starts; the last one ends at the durable seq.
-            let next_first = match chunks.peek() {
-                Some(Ok((next, _))) => be_u64(next),
-                _ => self.next_chunk_first(&key)?.unwrap_or(durable + 1),
-            };
-            if next_first - 1 > upto {
-                break;
-            }
-            removed += next_first - be_u64(&key);
-            freed_bytes += value.len() as u64;
-            batch.remove(key);
-        }
-        if removed == 0 {
-            return Ok(0);
-        }
-        // Make durable what was written before the cursors moved (tables derived from these records, say)
-        // before the records go: sled alone would persist both with the same flush, or neither.
-        self.flush()?;
-        // Keep the high-water mark first: with every record gone, it is what keeps seqs from restarting.
-        self.inner
-            .meta
-            .insert(META_HIGH_WATER, &durable.to_be_bytes())
-            .map_err(|e| self.sled_err("write the high-water mark", e))?;
-        self.inner.records.apply_batch(batch).map_err(|e| self.sled_err("truncate", e))?;
-        self.inner.shared.live_bytes.fetch_sub(freed_bytes, Ordering::Relaxed);
-        self.flush()?;
-        self.inner.shared.refresh_disk_bytes();
-        tracing::debug!(records = removed, upto, "WAL truncated");
-        Ok(removed)
-    }
-
-    /// The table `name`, created empty if it does not exist.
-    pub fn table(&self, name: &str) -> Result<Table, WalError> {
-        let tree = self
-            .inner
-            .db
-            .open_tree([TABLE_PREFIX, name.as_bytes()].concat())
-            .map_err(|e| self.sled_err("open a table", e))?;
-        Ok(Table { tree, dir: self.inner.dir.clone() })
     }
 
     /// The write, flush or sync failure that stopped the WAL, if any, from appends or from any other call
@@ -468,64 +325,12 @@ impl Wal {
         self.flush()
     }
 
-    fn next_chunk_first(&self, key: &[u8]) -> Result<Option<u64>, WalError> {
-        let mut after =
-            self.inner.records.range::<&[u8], _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded));
-        match after.next() {
-            Some(entry) => Ok(Some(be_u64(&entry.map_err(|e| self.sled_err("scan the WAL", e))?.0))),
-            None => Ok(None),
-        }
-    }
-
     fn sled_err(&self, what: &'static str, e: sled::Error) -> WalError {
         WalError::sled(&self.inner.dir, what, e)
     }
 
     fn corrupt(&self, key: &[u8], reason: String) -> WalError {
         WalError::Corrupt { dir: self.inner.dir.clone(), detail: format!("chunk at seq {}: {reason}", be_u64(key)) }
-    }
-}
-
-/// A small keyed table in the WAL's database, for state derived from records that must outlive their
-/// truncation (the Redis mirror keeps the newest value per key in one). Writes are persisted with the next
-/// flush; [`Wal::truncate`] flushes before it drops anything, so records passed by a cursor that moved after
-/// a table write never go while that write could still be lost.
-#[derive(Clone)]
-pub struct Table {
-    tree: sled::Tree,
-    dir: PathBuf,
-}
-
-impl Table {
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, WalError> {
-        let value = self.tree.get(key).map_err(|e| WalError::sled(&self.dir, "read a table", e))?;
-        Ok(value.map(|v| v.to_vec()))
-    }
-
-    /// Writes all entries or none.
-    pub fn insert_all(&self, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<(), WalError> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in entries {
-            batch.insert(key, value);
-        }
-        self.tree.apply_batch(batch).map_err(|e| WalError::sled(&self.dir, "write a table", e))
-    }
-
-    /// Every key, in order.
-    pub fn keys(&self) -> Result<Vec<Vec<u8>>, WalError> {
-        self.tree
-            .iter()
-            .keys()
-            .map(|key| key.map(|k| k.to_vec()).map_err(|e| WalError::sled(&self.dir, "read a table", e)))
-            .collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.tree.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
     }
 }
 
@@ -773,10 +578,6 @@ impl Wal {
         }
         Ok(salvage)
     }
-}
-
-fn label_key(name: &str) -> Vec<u8> {
-    [LABEL_PREFIX, name.as_bytes()].concat()
 }
 
 fn be_u64(bytes: &[u8]) -> u64 {
