@@ -7,12 +7,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chunk::Chunk;
-use crate::{Durability, Shared, Wal, WalError, WalOptions, META_SEQ_LEASE};
+use crate::durability::Shared;
+use crate::{Durability, Wal, WalError, WalOptions};
 
 pub(crate) enum Request {
     Append { payload: Vec<u8>, reply: oneshot::Sender<Result<u64, WalError>> },
@@ -88,6 +89,8 @@ const LIVE_FRACTION_AT_CAP: u64 = 4;
 pub(crate) fn at_cap(disk_bytes: u64, live_bytes: u64, max_bytes: u64) -> bool {
     disk_bytes >= max_bytes && live_bytes >= max_bytes / LIVE_FRACTION_AT_CAP
 }
+/// In `meta`, interval mode: seqs up to this may have been handed out; open starts after it.
+pub(crate) const META_SEQ_LEASE: &[u8] = b"seq_lease";
 /// In interval mode, seqs are leased durably this many at a time so that none is handed out twice.
 const LEASE_STEP: u64 = 1 << 20;
 
@@ -264,49 +267,6 @@ impl Writer {
         }
         tracing::trace!(first_seq, records = payloads.len(), "group commit");
         Ok(())
-    }
-}
-
-/// Interval mode: makes everything appended durable every `interval_ms`, until the writer closes.
-pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u64) {
-    let interval = Duration::from_millis(interval_ms.max(1));
-    while !shared.closing.load(Ordering::Relaxed) {
-        std::thread::sleep(interval);
-        let target = shared.appended_seq.load(Ordering::Acquire);
-        match shared.flush_and_sync(&db) {
-            Ok(()) => {
-                if target > *shared.durable_seq.borrow() {
-                    shared.mark.record(target);
-                    shared.durable_seq.send_replace(target);
-                }
-                shared.refresh_disk_bytes();
-            }
-            // Failed here or in another caller's sync (recorded there): nothing more is made durable.
-            Err(_) => return,
-        }
-    }
-}
-
-/// How often the acknowledged mark is synced (see `mark.rs`).
-const MARK_SYNC_EVERY: Duration = Duration::from_secs(1);
-
-/// Syncs the acknowledged mark about once a second, off the ack path, and once more after the writer closed.
-pub(crate) fn mark_syncer(shared: Arc<Shared>) {
-    let mut last_sync = std::time::Instant::now();
-    loop {
-        let closing = shared.closing.load(Ordering::Relaxed);
-        if closing || last_sync.elapsed() >= MARK_SYNC_EVERY {
-            if let Err(e) = shared.mark.sync() {
-                // As for sled's file: the disk reports a failed writeback once, so stop rather than go on.
-                shared.fail(&e);
-                return;
-            }
-            last_sync = std::time::Instant::now();
-        }
-        if closing {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -72,6 +72,14 @@ impl<'a> Chunk<'a> {
     }
 }
 
+/// A seq from a key or value: every seq is stored big-endian (chunk keys, cursors, `meta`).
+pub(crate) fn be_u64(bytes: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    let n = bytes.len().min(8);
+    buf[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

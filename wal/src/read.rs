@@ -6,8 +6,8 @@
 
 use tokio::sync::watch;
 
-use crate::chunk::Chunk;
-use crate::{be_u64, Wal, WalError};
+use crate::chunk::{be_u64, Chunk};
+use crate::{Wal, WalError};
 
 /// One durable record.
 #[derive(Debug, Clone, PartialEq, Eq)]

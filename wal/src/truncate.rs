@@ -8,8 +8,8 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::chunk::Chunk;
-use crate::{append, be_u64, Wal, WalError};
+use crate::chunk::{be_u64, Chunk};
+use crate::{append, Wal, WalError};
 
 /// Truncation ignores `retain` once records fill 1/this of `max_bytes`...
 pub const PRESSURE_RECORDS_DIVISOR: u64 = 8;
