@@ -72,37 +72,12 @@ impl<'a> Chunk<'a> {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct DeadLetterV1 {
-    error: String,
-    at_ms: u64,
-    #[serde(with = "serde_bytes")]
-    payload: Vec<u8>,
-}
-
-/// A dead letter: `[format version][bincode]`, keyed by `sink \0 seq`.
-pub(crate) fn encode_dead_letter(letter: &crate::DeadLetter) -> Vec<u8> {
-    let body = DeadLetterV1 { error: letter.error.clone(), at_ms: letter.at_ms, payload: letter.payload.clone() };
-    let mut out = vec![FORMAT_V1];
-    if let Err(e) = options().serialize_into(&mut out, &body) {
-        unreachable!("bincode failed to serialize a dead letter into memory: {e}");
-    }
-    out
-}
-
-pub(crate) fn decode_dead_letter(key: &[u8], value: &[u8]) -> Result<crate::DeadLetter, String> {
-    let split = key.len().checked_sub(9).filter(|&at| key[at] == 0).ok_or("malformed key")?;
-    let sink = String::from_utf8_lossy(&key[..split]).into_owned();
-    let seq = u64::from_be_bytes(key[split + 1..].try_into().map_err(|_| "malformed key")?);
-    let body = match value.split_first() {
-        Some((&FORMAT_V1, body)) => body,
-        _ => return Err(format!("dead letter {sink}/{seq}: unknown format")),
-    };
-    let body: DeadLetterV1 = options()
-        .with_limit(body.len() as u64)
-        .deserialize(body)
-        .map_err(|e| format!("dead letter {sink}/{seq}: {e}"))?;
-    Ok(crate::DeadLetter { sink, seq, error: body.error, at_ms: body.at_ms, payload: body.payload })
+/// A seq from a key or value: every seq is stored big-endian (chunk keys, cursors, `meta`).
+pub(crate) fn be_u64(bytes: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    let n = bytes.len().min(8);
+    buf[..n].copy_from_slice(&bytes[..n]);
+    u64::from_be_bytes(buf)
 }
 
 #[cfg(test)]

@@ -1,3 +1,6 @@
+//! The one error type of the crate. A failed group commit answers each of its waiters with its own copy
+//! (`WalError::shared_copy`); fail points inject what a failing disk returns.
+
 use std::path::{Path, PathBuf};
 
 /// What can go wrong in the WAL. Every variant names the directory or the limit involved.
@@ -68,4 +71,10 @@ impl WalError {
             },
         }
     }
+}
+
+/// The error a fail point injects: what a failing disk returns.
+#[cfg(feature = "failpoints")]
+pub(crate) fn injected(dir: &Path, what: &'static str) -> WalError {
+    WalError::io(dir, what, std::io::Error::other("injected by a fail point"))
 }

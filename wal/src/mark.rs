@@ -72,7 +72,7 @@ impl AckMark {
     /// the WAL, as any failed sync does).
     pub fn sync(&self) -> Result<(), WalError> {
         if self.dirty.swap(false, Ordering::AcqRel) {
-            fail::fail_point!("wal::mark_sync", |_| Err(crate::writer::injected(&self.path, "fdatasync the mark")));
+            fail::fail_point!("wal::mark_sync", |_| Err(crate::error::injected(&self.path, "fdatasync the mark")));
             self.file.sync_data().map_err(|e| WalError::io(&self.path, "fdatasync the acknowledged mark", e))?;
         }
         Ok(())

@@ -1,18 +1,80 @@
-//! The group-commit writer: one thread drains the request queue, writes everything it got with one
-//! flush, then answers every waiter.
+//! Append: producers queue records through an [`Appender`]; the group-commit writer, one thread, drains the
+//! request queue, writes everything it got with one flush, then answers every waiter.
+//!
+//! On disk: each group becomes chunks of about `CHUNK_TARGET_BYTES` in the `records` tree, keyed by their
+//! first seq and written in one sled batch. In interval mode the writer also keeps a seq lease in `meta`,
+//! synced before any seq under it is handed out, so that seqs lost in a crash are never handed out again.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chunk::Chunk;
-use crate::{Durability, Shared, WalError, WalOptions, META_SEQ_LEASE};
+use crate::durability::Shared;
+use crate::{Durability, Wal, WalError, WalOptions};
 
 pub(crate) enum Request {
     Append { payload: Vec<u8>, reply: oneshot::Sender<Result<u64, WalError>> },
     Close,
+}
+
+/// The largest payload one record may carry. Bounded so that a sled leaf (at most 17 values) never
+/// exceeds sled's blob threshold: sled writes blobs to separate files that it never fsyncs.
+pub const MAX_RECORD_BYTES: usize = 112 * 1024;
+
+/// A producer's handle: cheap to clone.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<Request>,
+}
+
+/// An append the writer has accepted; resolves once the record is durable (per the durability mode).
+#[must_use = "an append is not durable until its Pending resolves"]
+pub struct Pending(oneshot::Receiver<Result<u64, WalError>>);
+
+impl Appender {
+    /// Queues `payload`, waiting for room in the queue. The returned [`Pending`] yields the record's seq.
+    pub async fn append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
+        let (request, pending) = Self::request(payload)?;
+        self.tx.send(request).await.map_err(|_| WalError::Closed)?;
+        Ok(pending)
+    }
+
+    /// [`Appender::append`] for threads outside an async runtime.
+    pub fn blocking_append(&self, payload: Vec<u8>) -> Result<Pending, WalError> {
+        let (request, pending) = Self::request(payload)?;
+        self.tx.blocking_send(request).map_err(|_| WalError::Closed)?;
+        Ok(pending)
+    }
+
+    fn request(payload: Vec<u8>) -> Result<(Request, Pending), WalError> {
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(WalError::TooLarge { len: payload.len(), max: MAX_RECORD_BYTES });
+        }
+        let (reply, rx) = oneshot::channel();
+        Ok((Request::Append { payload, reply }, Pending(rx)))
+    }
+}
+
+impl Pending {
+    /// Waits until the record is durable and returns its seq.
+    pub async fn durable(self) -> Result<u64, WalError> {
+        self.0.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// [`Pending::durable`] for threads outside an async runtime.
+    pub fn blocking_durable(self) -> Result<u64, WalError> {
+        self.0.blocking_recv().map_err(|_| WalError::Closed)?
+    }
+}
+
+impl Wal {
+    /// A handle for producers.
+    pub fn appender(&self) -> Appender {
+        Appender { tx: self.inner.tx.clone() }
+    }
 }
 
 /// Bounds on one group commit: enough to amortise a flush, small enough to keep latency and memory low.
@@ -27,6 +89,8 @@ const LIVE_FRACTION_AT_CAP: u64 = 4;
 pub(crate) fn at_cap(disk_bytes: u64, live_bytes: u64, max_bytes: u64) -> bool {
     disk_bytes >= max_bytes && live_bytes >= max_bytes / LIVE_FRACTION_AT_CAP
 }
+/// In `meta`, interval mode: seqs up to this may have been handed out; open starts after it.
+pub(crate) const META_SEQ_LEASE: &[u8] = b"seq_lease";
 /// In interval mode, seqs are leased durably this many at a time so that none is handed out twice.
 const LEASE_STEP: u64 = 1 << 20;
 
@@ -184,7 +248,7 @@ impl Writer {
         chunk_bytes_total += value.len() as u64;
         batch.insert(&key, value);
         self.records.apply_batch(batch).map_err(|e| WalError::sled(dir, "append", e))?;
-        fail::fail_point!("wal::after_append", |_| Err(injected(dir, "flush")));
+        fail::fail_point!("wal::after_append", |_| Err(crate::error::injected(dir, "flush")));
         self.shared.live_bytes.fetch_add(chunk_bytes_total, Ordering::Relaxed);
         self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
 
@@ -204,55 +268,6 @@ impl Writer {
         tracing::trace!(first_seq, records = payloads.len(), "group commit");
         Ok(())
     }
-}
-
-/// Interval mode: makes everything appended durable every `interval_ms`, until the writer closes.
-pub(crate) fn interval_flusher(db: sled::Db, shared: Arc<Shared>, interval_ms: u64) {
-    let interval = Duration::from_millis(interval_ms.max(1));
-    while !shared.closing.load(Ordering::Relaxed) {
-        std::thread::sleep(interval);
-        let target = shared.appended_seq.load(Ordering::Acquire);
-        match shared.flush_and_sync(&db) {
-            Ok(()) => {
-                if target > *shared.durable_seq.borrow() {
-                    shared.mark.record(target);
-                    shared.durable_seq.send_replace(target);
-                }
-                shared.refresh_disk_bytes();
-            }
-            // Failed here or in another caller's sync (recorded there): nothing more is made durable.
-            Err(_) => return,
-        }
-    }
-}
-
-/// How often the acknowledged mark is synced (see `mark.rs`).
-const MARK_SYNC_EVERY: Duration = Duration::from_secs(1);
-
-/// Syncs the acknowledged mark about once a second, off the ack path, and once more after the writer closed.
-pub(crate) fn mark_syncer(shared: Arc<Shared>) {
-    let mut last_sync = std::time::Instant::now();
-    loop {
-        let closing = shared.closing.load(Ordering::Relaxed);
-        if closing || last_sync.elapsed() >= MARK_SYNC_EVERY {
-            if let Err(e) = shared.mark.sync() {
-                // As for sled's file: the disk reports a failed writeback once, so stop rather than go on.
-                shared.fail(&e);
-                return;
-            }
-            last_sync = std::time::Instant::now();
-        }
-        if closing {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The error a fail point injects: what a failing disk returns.
-#[cfg(feature = "failpoints")]
-pub(crate) fn injected(dir: &std::path::Path, what: &'static str) -> WalError {
-    WalError::io(dir, what, std::io::Error::other("injected by a fail point"))
 }
 
 pub(crate) fn now_ms() -> u64 {
