@@ -3,28 +3,30 @@
 //! answers what was read, lets the sinks finish and closes the WAL. `telemetry-agent run` calls it with the
 //! signals as `shutdown`; tests can call it in-process.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use telemetry_wal::{Durability, Wal, WalOptions};
 use tokio::sync::watch;
 
-use crate::admin;
 use crate::clock::now_us;
 use crate::config::{Config, DurabilityMode};
-use crate::control;
-use crate::http;
 use crate::identity::Identity;
-use crate::ingest::{self, IngestContext, Listener};
-use crate::metrics::METRICS;
+use crate::ops::commands;
+use crate::ops::control;
+use crate::ops::http;
+use crate::ops::metrics::METRICS;
 use crate::reload;
 use crate::sink::mysql::{self as mysql_sink, ForwardSettings, Forwarder};
 use crate::sink::redis::{self as mirror, Mirror};
 use crate::sink::Sink;
-use crate::spool::SpoolDrain;
+use crate::source::socket::{self, IngestContext, Listener};
+use crate::source::spool::SpoolDrain;
 
 /// How [`serve`] runs besides its config.
 #[derive(Default)]
@@ -75,7 +77,7 @@ async fn serve_wal(
 ) -> anyhow::Result<()> {
     let Options { config_path: reload_from, log_level } = options;
     let ingest = &config.ingest;
-    let listener = ingest::bind(&ingest.socket, config.socket_mode()?, ingest.socket_group.as_deref())
+    let listener = socket::bind(&ingest.socket, config.socket_mode()?, ingest.socket_group.as_deref())
         .context("[ingest] socket")?;
     let context = Arc::new(IngestContext {
         appender: wal.appender(),
@@ -135,9 +137,9 @@ async fn serve_wal(
         tokio::spawn(http::serve(listener, wal.clone(), stop_rx.clone()));
     }
     let control_mode = if config.control.group.is_some() { 0o660 } else { 0o600 };
-    let control = ingest::bind(&config.control.socket, control_mode, config.control.group.as_deref())
+    let control = socket::bind(&config.control.socket, control_mode, config.control.group.as_deref())
         .context("[control] socket")?;
-    let admin_context = admin::Context {
+    let admin_context = commands::Context {
         wal: wal.clone(),
         identity: identity.clone(),
         sinks: config.enabled_sinks(),
@@ -153,9 +155,10 @@ async fn serve_wal(
             redis: config.redis.is_some().then_some(redis_settings),
             log_level,
         };
-        tokio::spawn(reload::run(path, config.clone(), live, stop_rx.clone()));
+        reload::spawn(path, config.clone(), live, stop_rx.clone());
     }
     let sinks = config.enabled_sinks();
+    let sink_names: Vec<&str> = sinks.iter().map(|sink| sink.name()).collect();
     tracing::info!(
         agent_id = identity.agent_id(),
         run = identity.run_id(),
@@ -163,7 +166,7 @@ async fn serve_wal(
         socket = %ingest.socket.display(),
         wal = %config.wal.dir.display(),
         spool = %config.spool.dir.display(),
-        ?sinks,
+        sinks = ?sink_names,
         "telemetry-agent ready"
     );
     // Under systemd (Type=notify): the WAL is open and the socket bound. Elsewhere this does nothing.
@@ -208,53 +211,85 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Every second: drops what every sink has passed (cheap when there is nothing to drop) and refreshes the
-/// gauges. Resolves when the WAL stopped after a write failure: the agent then exits non-zero so that its
-/// supervisor restarts it and sled's recovery establishes what is durable.
+/// Every second: the housekeeping jobs below. Resolves when the WAL stopped after a write failure: the agent
+/// then exits non-zero so that its supervisor restarts it and sled's recovery establishes what is durable.
 async fn housekeeping(wal: &Wal, sinks: &[Sink], pool: Option<&mysql_async::Pool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // systemd's watchdog (WatchdogSec): pinged from this loop, so a stuck runtime or WAL gets restarted.
-    let watchdog = sd_notify::watchdog_enabled();
-    let mut pinged = std::time::Instant::now();
-    let mut received: std::collections::VecDeque<(std::time::Instant, u64)> = std::collections::VecDeque::new();
+    const EVERY: Duration = Duration::from_secs(1);
+    let mut tick = tokio::time::interval(EVERY);
+    let mut watchdog = Watchdog::from_env();
+    let mut rate = EventRate::default();
     loop {
         tick.tick().await;
         if let Some(failure) = wal.failure() {
             tracing::error!(failure, "the WAL failed; stopping so that a restart can recover it");
             return;
         }
-        if watchdog.is_some_and(|period| pinged.elapsed() >= period / 2) {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            pinged = std::time::Instant::now();
-        }
-        let task = {
-            let (wal, sinks) = (wal.clone(), sinks.to_vec());
-            tokio::task::spawn_blocking(move || {
-                let truncated = wal.truncate();
-                refresh_gauges(&wal, &sinks);
-                truncated
-            })
-        };
-        match task.await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(records)) => tracing::debug!(records, "truncated WAL"),
-            Ok(Err(e)) => tracing::error!(error = %e, "WAL truncation failed"),
-            Err(e) => tracing::error!(error = %e, "WAL housekeeping task failed"),
-        }
+        watchdog.ping();
+        truncate_and_measure(wal, sinks).await;
         if let Some(pool) = pool {
-            let pool = pool.metrics();
-            METRICS.mysql_connections.set(pool.connection_count.load(std::sync::atomic::Ordering::Relaxed) as i64);
-            METRICS
-                .mysql_connections_in_use
-                .set(pool.connections_in_use.load(std::sync::atomic::Ordering::Relaxed) as i64);
+            measure_pool(pool);
         }
-        METRICS.tick_outages(Duration::from_secs(1));
-        let now = (std::time::Instant::now(), METRICS.events_received_total());
-        received.push_back(now);
-        while received.len() > 11 {
-            received.pop_front();
+        METRICS.tick_outages(EVERY);
+        rate.record(METRICS.events_received_total());
+    }
+}
+
+/// systemd's watchdog (WatchdogSec): pinged from the housekeeping loop, so that a stuck runtime or WAL gets
+/// the agent restarted.
+struct Watchdog {
+    period: Option<Duration>,
+    pinged: Instant,
+}
+
+impl Watchdog {
+    fn from_env() -> Self {
+        Watchdog { period: sd_notify::watchdog_enabled(), pinged: Instant::now() }
+    }
+
+    fn ping(&mut self) {
+        if self.period.is_some_and(|period| self.pinged.elapsed() >= period / 2) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            self.pinged = Instant::now();
         }
-        if let Some(&(then, count)) = received.front() {
+    }
+}
+
+/// Drops what every sink has passed (cheap when there is nothing to drop) and refreshes the WAL gauges.
+async fn truncate_and_measure(wal: &Wal, sinks: &[Sink]) {
+    let (wal, sinks) = (wal.clone(), sinks.to_vec());
+    let task = tokio::task::spawn_blocking(move || {
+        let truncated = wal.truncate();
+        refresh_gauges(&wal, &sinks);
+        truncated
+    });
+    match task.await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(records)) => tracing::debug!(records, "truncated WAL"),
+        Ok(Err(e)) => tracing::error!(error = %e, "WAL truncation failed"),
+        Err(e) => tracing::error!(error = %e, "WAL housekeeping task failed"),
+    }
+}
+
+fn measure_pool(pool: &mysql_async::Pool) {
+    let pool = pool.metrics();
+    METRICS.mysql_connections.set(pool.connection_count.load(Ordering::Relaxed) as i64);
+    METRICS.mysql_connections_in_use.set(pool.connections_in_use.load(Ordering::Relaxed) as i64);
+}
+
+/// Events received per second, over the last ten seconds.
+#[derive(Default)]
+struct EventRate {
+    received: VecDeque<(Instant, u64)>,
+}
+
+impl EventRate {
+    fn record(&mut self, total: u64) {
+        let now = (Instant::now(), total);
+        self.received.push_back(now);
+        while self.received.len() > 11 {
+            self.received.pop_front();
+        }
+        if let Some(&(then, count)) = self.received.front() {
             let secs = now.0.duration_since(then).as_secs_f64();
             if secs > 0.0 {
                 METRICS.events_per_second.set((now.1 - count) as f64 / secs);
@@ -265,14 +300,14 @@ async fn housekeeping(wal: &Wal, sinks: &[Sink], pool: Option<&mysql_async::Pool
 
 /// WAL size and each sink's lag, for `/metrics` and `status`.
 fn refresh_gauges(wal: &Wal, sinks: &[Sink]) {
-    let Ok(report) = admin::wal_report(wal, sinks) else { return };
+    let Ok(report) = commands::wal_report(wal, sinks) else { return };
     METRICS.wal_disk_bytes.set(report.disk_bytes as i64);
     METRICS.wal_max_bytes.set(report.max_bytes as i64);
     METRICS.wal_live_bytes.set(report.live_bytes as i64);
     METRICS.wal_records.set(report.records as i64);
     METRICS.dead_letters.set(report.dead_letters as i64);
     for (sink, lag) in sinks.iter().zip(&report.sinks) {
-        let labels = crate::metrics::SinkLabel { sink: sink.name() };
+        let labels = crate::ops::metrics::SinkLabel { sink: sink.name() };
         METRICS.sink_lag_records.get_or_create(&labels).set(lag.lag_records as i64);
         METRICS.sink_lag_seconds.get_or_create(&labels).set(lag.lag_seconds);
     }

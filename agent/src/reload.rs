@@ -12,17 +12,32 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{Config, RedisConfig};
 use crate::sink::mysql::ForwardSettings;
 
-/// The keys a reload applies to the running agent.
-pub const LIVE_KEYS: &[&str] = &[
-    "agent.log_level",
-    "mysql.max_batch_rows",
-    "mysql.max_batch_bytes",
-    "mysql.max_linger_ms",
-    "mysql.retry_initial_ms",
-    "mysql.retry_max_ms",
-    "mysql.write_timeout_ms",
-    "redis.publish_updates",
-    "redis.retry_max_ms",
+/// `(key, copy)` for a key of an optional section: copied when both configs have the section.
+macro_rules! live {
+    ($section:ident . $key:ident) => {
+        (concat!(stringify!($section), ".", stringify!($key)), |now: &mut Config, new: &Config| {
+            if let (Some(now), Some(new)) = (now.$section.as_mut(), new.$section.as_ref()) {
+                now.$key = new.$key.clone();
+            }
+        })
+    };
+}
+
+/// Copies one live setting from the new config into the running one.
+type CopyLive = fn(&mut Config, &Config);
+
+/// The settings a reload applies to the running agent, each with how it is copied into the running config
+/// (the sinks then take theirs from there). Every other key needs a restart.
+const LIVE: &[(&str, CopyLive)] = &[
+    ("agent.log_level", |now, new| now.agent.log_level = new.agent.log_level.clone()),
+    live!(mysql.max_batch_rows),
+    live!(mysql.max_batch_bytes),
+    live!(mysql.max_linger_ms),
+    live!(mysql.retry_initial_ms),
+    live!(mysql.retry_max_ms),
+    live!(mysql.write_timeout_ms),
+    live!(redis.publish_updates),
+    live!(redis.retry_max_ms),
 ];
 
 /// Changes the log filter.
@@ -36,20 +51,36 @@ pub struct Live {
     pub log_level: Option<LogLevelSetter>,
 }
 
-/// Reloads `path` on SIGHUP and on changes to it until `shutdown`.
-pub async fn run(path: PathBuf, mut running: Config, live: Live, mut shutdown: watch::Receiver<bool>) {
-    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+/// Reloads `path` on SIGHUP and on changes to it until `shutdown`. The signal handler and the watch are in
+/// place when this returns, so a SIGHUP right after "ready" reloads (without a handler it would kill the
+/// agent).
+pub fn spawn(path: PathBuf, running: Config, live: Live, shutdown: watch::Receiver<bool>) {
+    let (changed_tx, changed) = mpsc::channel::<()>(1);
     // Editors replace the file by rename, which silences a watch on the file itself: watch its directory.
-    let _watcher = watch_file(&path, changed_tx)
+    let watcher = watch_file(&path, changed_tx)
         .map_err(|e| tracing::warn!(error = %e, path = %path.display(), "config changes are not watched; SIGHUP still reloads"))
         .ok();
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
             tracing::warn!(error = %e, "cannot handle SIGHUP");
             None
         }
     };
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        run(path, running, live, hangup, changed, shutdown).await
+    });
+}
+
+async fn run(
+    path: PathBuf,
+    mut running: Config,
+    live: Live,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+    mut changed: mpsc::Receiver<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let hup = async {
             match &mut hangup {
@@ -95,25 +126,26 @@ fn reload(path: &Path, running: &mut Config, live: &Live, trigger: &str) {
             return;
         }
     };
+    reload_config(running, new, live, trigger);
+}
+
+/// Applies what changed from `running` to `new` that can change while the agent runs, and names the rest.
+fn reload_config(running: &mut Config, new: Config, live: &Live, trigger: &str) {
     let changed = changed_keys(running, &new);
     if changed.is_empty() {
         tracing::info!(trigger, "config reloaded: nothing changed");
         return;
     }
-    let (applied, need_restart): (Vec<String>, Vec<String>) =
-        changed.into_iter().partition(|key| LIVE_KEYS.contains(&key.as_str()));
-    running.agent.log_level = new.agent.log_level.clone();
-    if let (Some(now), Some(new)) = (&mut running.mysql, &new.mysql) {
-        now.max_batch_rows = new.max_batch_rows;
-        now.max_batch_bytes = new.max_batch_bytes;
-        now.max_linger_ms = new.max_linger_ms;
-        now.retry_initial_ms = new.retry_initial_ms;
-        now.retry_max_ms = new.retry_max_ms;
-        now.write_timeout_ms = new.write_timeout_ms;
-    }
-    if let (Some(now), Some(new)) = (&mut running.redis, &new.redis) {
-        now.publish_updates = new.publish_updates;
-        now.retry_max_ms = new.retry_max_ms;
+    let mut applied = Vec::new();
+    let mut need_restart = Vec::new();
+    for key in changed {
+        match LIVE.iter().find(|(live, _)| *live == key) {
+            Some((_, copy)) => {
+                copy(running, &new);
+                applied.push(key);
+            }
+            None => need_restart.push(key),
+        }
     }
     if let (Some(tx), Some(mysql)) = (&live.forward, &running.mysql) {
         tx.send_replace(ForwardSettings::from(mysql));
@@ -177,5 +209,27 @@ mod tests {
                 .unwrap();
         assert_eq!(changed_keys(&old, &new), vec!["mysql.max_batch_rows", "mysql.url", "redis"]);
         assert!(changed_keys(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn live_keys_apply_and_the_rest_wait_for_a_restart() {
+        let mut running: Config =
+            toml::from_str("[mysql]\nurl = \"mysql://a/b\"\nmax_batch_rows = 10\n[redis]\nurl = \"redis://x\"\n")
+                .unwrap();
+        let new: Config = toml::from_str(
+            "[agent]\nlog_level = \"debug\"\n[mysql]\nurl = \"mysql://a/c\"\nmax_batch_rows = 5\n[redis]\nurl = \"redis://x\"\npublish_updates = true\n",
+        )
+        .unwrap();
+        let live = Live { forward: None, redis: None, log_level: None };
+        reload_config(&mut running, new, &live, "test");
+        assert_eq!(running.agent.log_level, "debug");
+        assert_eq!(running.mysql.as_ref().unwrap().max_batch_rows, 5);
+        assert!(running.redis.as_ref().unwrap().publish_updates);
+        assert_eq!(running.mysql.as_ref().unwrap().url, "mysql://a/b", "the URL needs a restart");
+        let keys: Vec<&str> = LIVE.iter().map(|(key, _)| *key).collect();
+        for key in keys {
+            let section = key.split('.').next().unwrap();
+            assert!(["agent", "mysql", "redis"].contains(&section), "{key}");
+        }
     }
 }

@@ -131,7 +131,7 @@ fn sockets(pid: i32) -> usize {
 
 #[test]
 fn idle_http_connections_are_capped_and_closed_and_metrics_still_answer() {
-    use telemetry_agent::http::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
+    use telemetry_agent::ops::http::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
     common::raise_fd_limit();
     let agent = Agent::start("");
     let addr = agent.http_addr();

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use telemetry_wal::WalError;
 use tokio::sync::watch;
 
-use crate::metrics::METRICS;
+use crate::ops::metrics::METRICS;
 
 /// A sink: the name of its WAL cursor, its metrics label and the `--sink` of `wal replay`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

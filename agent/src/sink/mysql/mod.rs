@@ -21,8 +21,8 @@ use crate::clock::now_ms;
 use crate::config::{mask_url, read_secret_file, MysqlConfig};
 use crate::event::{Event, Side};
 use crate::identity::Identity;
-use crate::metrics::METRICS;
 use crate::migrate::{self, SchemaState};
+use crate::ops::metrics::METRICS;
 use crate::sink::{blocking, pause, read_wal, Outage, Sink, Stopped};
 
 mod progress;

@@ -7,7 +7,7 @@ use telemetry_wal::{Table, Wal, MAX_RECORD_BYTES};
 use super::table::Latest;
 use super::{Mirror, SINK};
 use crate::identity::Identity;
-use crate::metrics::METRICS;
+use crate::ops::metrics::METRICS;
 use crate::sink::{read_wal, Stopped};
 
 /// Records folded per step...

@@ -13,7 +13,7 @@ use super::dirty::Outcome;
 use super::table::{order, Latest};
 use super::{Mirror, SINK};
 use crate::event::rfc3339_us;
-use crate::metrics::METRICS;
+use crate::ops::metrics::METRICS;
 use crate::sink::{blocking, pause, Outage, Stopped};
 
 /// Table entries pushed per pipeline...

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::{now_ms, now_us};
 use crate::event::parse_line;
 use crate::identity::is_generated_id;
-use crate::metrics::METRICS;
+use crate::ops::metrics::METRICS;
 
 /// The sink name under which invalid spool lines are kept as dead letters.
 pub const DEAD_LETTER_SINK: &str = "spool";

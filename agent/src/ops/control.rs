@@ -1,6 +1,6 @@
 //! The control socket: `telemetry-agent status` and `telemetry-agent wal ...` reach the running agent here
 //! (sled lets only one process open the WAL). One request line per connection, answered by a stream of
-//! [`admin::Output`] lines.
+//! [`commands::Output`] lines.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::admin::{self, Output, Request};
+use crate::ops::commands::{self, Output, Request};
 
 /// The longest request line taken.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -20,7 +20,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Each answer line must be taken within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn serve(listener: UnixListener, context: admin::Context, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: UnixListener, context: commands::Context, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_COMMANDS));
     loop {
         let stream = tokio::select! {
@@ -39,7 +39,7 @@ pub async fn serve(listener: UnixListener, context: admin::Context, mut shutdown
     }
 }
 
-async fn handle(stream: UnixStream, context: admin::Context, slots: Arc<Semaphore>) {
+async fn handle(stream: UnixStream, context: commands::Context, slots: Arc<Semaphore>) {
     let (read, write) = stream.into_split();
     let mut line = String::new();
     let mut out = BufWriter::new(write);
@@ -66,7 +66,7 @@ async fn handle(stream: UnixStream, context: admin::Context, slots: Arc<Semaphor
     let Ok(_slot) = slots.acquire_owned().await else { return };
     tracing::info!(?request, "control request");
     let (tx, mut rx) = mpsc::channel(1024);
-    let task = tokio::spawn(admin::execute(request, context, tx));
+    let task = tokio::spawn(commands::execute(request, context, tx));
     while let Some(output) = rx.recv().await {
         let written = async {
             write_output(&mut out, &output).await?;

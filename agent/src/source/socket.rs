@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::clock::now_us;
 use crate::event::{parse_line, Event, Rejection};
 use crate::identity::Identity;
-use crate::metrics::{Kind, METRICS};
+use crate::ops::metrics::{Kind, METRICS};
 
 /// What every handler needs, shared.
 pub struct IngestContext {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::clock::now_ms;
 use crate::event::Event;
 use crate::identity::Identity;
-use crate::metrics::{SinkStatus, METRICS};
+use crate::ops::metrics::{SinkStatus, METRICS};
 use crate::sink::mysql as mysql_sink;
 use crate::sink::Sink;
 
@@ -113,7 +113,7 @@ pub struct Status {
     pub not_ready: Option<String>,
     /// While the agent runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spool: Option<crate::spool::SpoolStatus>,
+    pub spool: Option<crate::source::spool::SpoolStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,7 +228,7 @@ async fn status(context: &Context) -> anyhow::Result<Status> {
     let errors = if running {
         ["invalid_json", "invalid_event", "line_too_long", "wal_full", "overloaded", "shutting_down", "internal"]
             .into_iter()
-            .map(|code| (code.to_string(), METRICS.errors.get_or_create(&crate::metrics::Code { code }).get()))
+            .map(|code| (code.to_string(), METRICS.errors.get_or_create(&crate::ops::metrics::Code { code }).get()))
             .filter(|(_, n)| *n > 0)
             .collect()
     } else {
@@ -244,8 +244,8 @@ async fn status(context: &Context) -> anyhow::Result<Status> {
         events_received: running.then(|| METRICS.events_received_total()),
         errors,
         sinks: if running { METRICS.sinks() } else { Vec::new() },
-        not_ready: if running { crate::http::not_ready(&context.wal) } else { None },
-        spool: running.then(|| crate::spool::SpoolStatus::current(&context.spool)),
+        not_ready: if running { crate::ops::http::not_ready(&context.wal) } else { None },
+        spool: running.then(|| crate::source::spool::SpoolStatus::current(&context.spool)),
         wal,
     })
 }
@@ -333,7 +333,7 @@ fn dead_letters(
             for letter in &chosen {
                 let event = match Event::decode(&letter.payload) {
                     // A spool line that was never an event: shown as it was written.
-                    _ if letter.sink == crate::spool::DEAD_LETTER_SINK => {
+                    _ if letter.sink == crate::source::spool::DEAD_LETTER_SINK => {
                         String::from_utf8_lossy(&letter.payload).into_owned()
                     }
                     Ok(event) => event.to_json(Some(&context.identity.event_id(event.client_event_id(), letter.seq))),
@@ -375,7 +375,7 @@ fn dead_letters(
             for (done, letter) in chosen.iter().enumerate() {
                 let already =
                     |e: String| anyhow::anyhow!("{e} ({done} of {} were queued again before this)", chosen.len());
-                if letter.sink == crate::spool::DEAD_LETTER_SINK {
+                if letter.sink == crate::source::spool::DEAD_LETTER_SINK {
                     return Err(already(format!(
                         "dead letter spool {}: an invalid spool line cannot be queued again as it is; correct it, send it \
                          with `telemetry-agent send`, then drop the dead letter",
@@ -513,4 +513,33 @@ async fn replay(
             started.elapsed().as_secs_f64()
         ),
     }])
+}
+
+/// `wal salvage`, with the agent stopped: keeps every intact record of a damaged WAL and says what was lost.
+pub fn salvage(config: &crate::config::Config) -> anyhow::Result<std::process::ExitCode> {
+    let dir = &config.wal.dir;
+    if !dir.join("sled").exists() {
+        bail!("there is no WAL at {}; is --config right?", dir.display());
+    }
+    let salvage = match Wal::salvage(dir, &crate::daemon::wal_options(config)) {
+        Err(telemetry_wal::WalError::Locked { holder, .. }) => {
+            bail!("the agent (pid {holder}) holds the WAL in {}; stop it first", dir.display())
+        }
+        result => result?,
+    };
+    println!("kept {} intact records", salvage.kept_records);
+    for (first_seq, bytes) in &salvage.damaged_chunks {
+        println!("dropped a damaged chunk starting at seq {first_seq} ({bytes} bytes)");
+    }
+    match salvage.lost {
+        Some(lost) => println!(
+            "lost {} acknowledged records that sled no longer had: seqs {}..={}",
+            lost.last - lost.first + 1,
+            lost.first,
+            lost.last
+        ),
+        None => println!("no acknowledged record is missing beyond the damaged chunks"),
+    }
+    println!("new records start after seq {}; the agent can start again", salvage.next_seq_after);
+    Ok(std::process::ExitCode::SUCCESS)
 }

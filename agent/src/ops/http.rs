@@ -14,7 +14,7 @@ use telemetry_wal::Wal;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::metrics::METRICS;
+use crate::ops::metrics::METRICS;
 
 /// A connection must send a request's headers within this, else it is closed.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
