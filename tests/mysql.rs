@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::kit::agent::{Agent, BIN};
+use crate::kit::agent::{output_with_stdin, Agent, BIN};
 use crate::kit::client::Client;
 use crate::kit::db::{migrate, mysql_section, TestDb};
 use crate::kit::proxy::FaultProxy;
@@ -495,21 +495,9 @@ fn a_script_cannot_send_an_id_the_agent_generates() {
         "{{\"kind\":\"metric\",\"profile_id\":\"p\",\"name\":\"m\",\"value\":9,\"event_id\":\"{generated}\"}}\n\
          {{\"kind\":\"metric\",\"profile_id\":\"p\",\"name\":\"m\",\"value\":8,\"event_id\":\"test-agent-1796185805413002\"}}\n"
     );
-    let mut child = Command::new(&bin)
-        .args(["send", "--socket"])
-        .arg(&agent.socket)
-        .uid(65534)
-        .gid(65534)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
-    }
-    let output = child.wait_with_output().unwrap();
+    let mut send = Command::new(&bin);
+    send.args(["send", "--socket"]).arg(&agent.socket).uid(65534).gid(65534);
+    let output = output_with_stdin(&mut send, &lines);
     let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(printed.contains("1 acked, 1 failed"), "{printed}");
     assert!(printed.contains("invalid_event") && printed.contains("reserved"), "{printed}");

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::kit::agent::{Agent, BIN};
+use crate::kit::agent::{output_with_stdin, Agent, BIN};
 use crate::kit::client::{metric, Client};
 use crate::kit::serial::alone;
 use crate::kit::util::{proc_status_kib, raise_fd_limit};
@@ -412,16 +412,7 @@ fn a_second_agent_on_a_live_socket_is_refused() {
 fn send_reports_acks_and_errors_by_line_number() {
     let agent = Agent::start("");
     let input = format!("{}\nnot json\n\n{}\n", metric("p", "a", 1.0), metric("p", "b", 2.0));
-    let mut child = Command::new(BIN)
-        .args(["send", "--socket"])
-        .arg(&agent.socket)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = output_with_stdin(Command::new(BIN).args(["send", "--socket"]).arg(&agent.socket), &input);
     assert!(!output.status.success());
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "2 acked, 1 failed");
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -190,21 +190,7 @@ impl Agent {
 
     /// Runs `telemetry-agent ARGS --config <this agent's config>`, with `stdin` as standard input.
     pub fn command(&self, args: &[&str], stdin: &str) -> std::process::Output {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        let stdin = stdin.to_string();
-        let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
-        let output = child.wait_with_output().unwrap();
-        let _ = writer.join();
-        output
+        output_with_stdin(Command::new(BIN).args(args).arg("--config").arg(&self.config_path), stdin)
     }
 
     pub fn connect(&self) -> Client {
@@ -234,6 +220,17 @@ impl Drop for Agent {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `command` with `stdin` as its standard input, and its output.
+pub fn output_with_stdin(command: &mut Command, stdin: &str) -> std::process::Output {
+    let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_string();
+    let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
+    let output = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    output
 }
 
 /// Appends `extra`'s sections to the base config, merging repeated section headers; a key set again in
