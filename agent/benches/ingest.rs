@@ -5,6 +5,10 @@
 //! (set by scripts/bench.sh) it also writes its numbers to `{BENCH_REPORT_DIR}/ingest.jsonl`.
 
 mod common;
+// The tests' kit (tests/kit): the agent launcher, the fault proxy, the test database. A bench uses a part.
+#[allow(dead_code)]
+#[path = "../../tests/kit/mod.rs"]
+mod kit;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -15,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, Semaphore};
 
-use common::{Agent, Results};
+use common::{peak_rss_kib, start_agent, Results};
 
 /// Lines a pipelining client keeps in flight.
 const WINDOW: usize = 512;
@@ -28,16 +32,16 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     let only: Option<usize> = std::env::var("BENCH_CLIENTS").ok().and_then(|v| v.parse().ok());
     for clients in [1usize, 64, 900].into_iter().filter(|c| only.is_none_or(|o| o == *c)) {
-        let agent = Agent::start("");
+        let agent = start_agent("");
         let result = runtime.block_on(load(&agent.socket, clients, None, Duration::from_secs(secs)));
-        report(&mut results, clients, None, &result, agent.peak_rss_kib());
+        report(&mut results, clients, None, &result, peak_rss_kib(&agent));
     }
     for (clients, rate) in
         [(64usize, 10_000u64), (900, 10_000)].into_iter().filter(|(c, _)| only.is_none_or(|o| o == *c))
     {
-        let agent = Agent::start("");
+        let agent = start_agent("");
         let result = runtime.block_on(load(&agent.socket, clients, Some(rate), Duration::from_secs(secs)));
-        report(&mut results, clients, Some(rate), &result, agent.peak_rss_kib());
+        report(&mut results, clients, Some(rate), &result, peak_rss_kib(&agent));
     }
 }
 

@@ -21,8 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
+// The tests' kit (tests/kit): the agent launcher, the fault proxy, the test database. A bench uses a part.
 #[path = "common/mysql.rs"]
 mod db;
+#[allow(dead_code)]
+#[path = "../../tests/kit/mod.rs"]
+mod kit;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -30,8 +34,10 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Opts, Pool, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 
-use common::{process_cpu_seconds, setting, Agent, Results};
-use db::{Database, Gate};
+use common::{cpu_seconds, peak_rss_kib, process_cpu_seconds, setting, start_agent, Results};
+use db::Database;
+use kit::db::TestDb;
+use kit::proxy::FaultProxy;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
@@ -39,7 +45,7 @@ fn main() {
 }
 
 async fn bench() {
-    let server = std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
+    let server = TestDb::server();
     let rows: usize = setting("BENCH_ROWS", 200_000, 40_000);
     let backlog: usize = setting("BENCH_BACKLOG", 500_000, 100_000);
     let prefill: usize = setting("BENCH_PREFILL", 5_000_000, 0);
@@ -365,29 +371,29 @@ async fn load_data(pool: &Pool, rows: &[Shape]) {
 
 /// (d): the agent stores a backlog while MySQL is unreachable (a closed gate), then drains it.
 async fn agent_catch_up(db: &Database, backlog: usize) -> (Measured, u64, u64) {
-    let gate = Gate::start().await;
-    gate.open.store(false, Ordering::SeqCst);
-    let agent = Agent::start(&mysql_section(&db.url_via(gate.port)));
+    let gate = FaultProxy::start(TestDb::server_addr());
+    gate.set_down(true);
+    let agent = start_agent(&mysql_section(&db.url_via(gate.port)));
     eprintln!("(d) storing a backlog of {backlog} events while MySQL is unreachable ...");
     let last_seq = send_events(agent.socket.clone(), 64, backlog, "d", None).await;
-    let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
-    gate.open.store(true, Ordering::SeqCst);
+    let before = (db.count().await, server_cpu_seconds(), cpu_seconds(&agent));
+    gate.set_down(false);
     let (first, last) = wait_offset(db, last_seq, backlog, "(d) draining").await;
     assert_eq!(db.count().await - before.0, backlog as u64, "(d) rows do not match");
     let measured = Measured {
         rows: backlog,
         elapsed: last - first,
         server_cpu: server_cpu_seconds() - before.1,
-        agent_cpu: Some(agent.cpu_seconds() - before.2),
+        agent_cpu: Some(cpu_seconds(&agent) - before.2),
     };
-    (measured, gate.max_open.load(Ordering::SeqCst), agent.peak_rss_kib())
+    (measured, gate.max_open(), peak_rss_kib(&agent))
 }
 
 /// (e): 64 clients pipeline events into the socket; from the first send until the last row is committed.
 async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
-    let gate = Gate::start().await;
-    let agent = Agent::start(&mysql_section(&db.url_via(gate.port)));
-    let before = (db.count().await, server_cpu_seconds(), agent.cpu_seconds());
+    let gate = FaultProxy::start(TestDb::server_addr());
+    let agent = start_agent(&mysql_section(&db.url_via(gate.port)));
+    let before = (db.count().await, server_cpu_seconds(), cpu_seconds(&agent));
     let started = Instant::now();
     let last_seq = send_events(agent.socket.clone(), 64, rows, "e", None).await;
     wait_offset(db, last_seq, rows, "(e) end to end").await;
@@ -397,9 +403,9 @@ async fn agent_end_to_end(db: &Database, rows: usize) -> (Measured, u64, u64) {
         rows,
         elapsed,
         server_cpu: server_cpu_seconds() - before.1,
-        agent_cpu: Some(agent.cpu_seconds() - before.2),
+        agent_cpu: Some(cpu_seconds(&agent) - before.2),
     };
-    (measured, gate.max_open.load(Ordering::SeqCst), agent.peak_rss_kib())
+    (measured, gate.max_open(), peak_rss_kib(&agent))
 }
 
 /// Counters of a paced send, read by the outage run while it goes on.
@@ -429,8 +435,8 @@ struct Sample {
 async fn outage_run(db: &Database, outage_secs: u64, tail_secs: u64, results: &mut Results) {
     const LEAD_SECS: f64 = 10.0;
     const SAMPLE: Duration = Duration::from_millis(250);
-    let gate = Gate::start().await;
-    let agent = Agent::start(&mysql_section(&db.url_via(gate.port)));
+    let gate = FaultProxy::start(TestDb::server_addr());
+    let agent = start_agent(&mysql_section(&db.url_via(gate.port)));
     let rate = 5_000;
     let total = rate * (LEAD_SECS as usize + outage_secs as usize + tail_secs as usize);
     let progress = Arc::new(Progress { first_seq: AtomicU64::new(u64::MAX), ..Progress::default() });
@@ -452,10 +458,10 @@ async fn outage_run(db: &Database, outage_secs: u64, tail_secs: u64, results: &m
         let t = started.elapsed().as_secs_f64();
         let closed = outage.contains(&t);
         if closed {
-            gate.open.store(false, Ordering::SeqCst);
+            gate.set_down(true);
         } else if t >= outage.end && reopened_at.is_none() {
             let backlog = progress.acked.load(Ordering::SeqCst).saturating_sub(rows_written(db, &progress).await);
-            gate.open.store(true, Ordering::SeqCst);
+            gate.set_down(false);
             reopened_at = Some((Instant::now(), backlog));
         }
         // Rows below the committed offset: seqs are consecutive from the first one acked, and the offset

@@ -11,6 +11,10 @@
 //! numbers to `{BENCH_REPORT_DIR}/redis.jsonl`.
 
 mod common;
+// The tests' kit (tests/kit): the agent launcher, the fault proxy, the test database. A bench uses a part.
+#[allow(dead_code)]
+#[path = "../../tests/kit/mod.rs"]
+mod kit;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +24,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
-use common::{Agent, Results};
+use common::{start_agent, Results};
+use kit::agent::Agent;
+use kit::redis::TestRedis;
 
 const CONNECTIONS: usize = 30;
 const PROFILES: u64 = 300;
@@ -33,7 +39,7 @@ fn main() {
     let updates: u64 = common::setting("BENCH_UPDATES", 300_000, 60_000);
     let lag_secs: u64 = common::setting("BENCH_SECS", 10, 3);
     let mut results = Results::create("redis");
-    let url = std::env::var("TELEMETRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = TestRedis::server();
     let prefix = format!("bench:{}", std::process::id());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio");
     let client = redis::Client::open(url.as_str()).expect("Redis URL");
@@ -50,7 +56,7 @@ fn main() {
     let python = old_way_python(&url, &format!("{prefix}:py"), python_updates);
     eprintln!("(b) mirror end to end: {updates} updates over {CONNECTIONS} socket clients...");
     let mirror_prefix = format!("{prefix}:mirror");
-    let agent = Agent::start(&format!("[redis]\nurl = {url:?}\nkey_prefix = {mirror_prefix:?}\n"));
+    let agent = start_agent(&format!("[redis]\nurl = {url:?}\nkey_prefix = {mirror_prefix:?}\n"));
     let scripts_before = runtime.block_on(evalsha_calls(&mut check));
     let cpu_before = runtime.block_on(redis_cpu_seconds(&mut check));
     let mirror = runtime.block_on(mirror_end_to_end(&agent, &mut check, &mirror_prefix, updates));
@@ -61,7 +67,7 @@ fn main() {
 
     eprintln!("(c) mirror lag at 10,000 metrics/s for {lag_secs} s...");
     let lag_prefix = format!("{prefix}:lag");
-    let agent = Agent::start(&format!("[redis]\nurl = {url:?}\nkey_prefix = {lag_prefix:?}\n"));
+    let agent = start_agent(&format!("[redis]\nurl = {url:?}\nkey_prefix = {lag_prefix:?}\n"));
     let lags = runtime.block_on(lag_at_rate(&agent, &mut check, &lag_prefix, 10_000, Duration::from_secs(lag_secs)));
     drop(agent);
     runtime.block_on(delete_prefix(&mut check, &prefix));

@@ -5,6 +5,10 @@
 //! (scripts/bench.sh runs it last).
 
 mod common;
+// The tests' kit (tests/kit): the agent launcher, the fault proxy, the test database. A bench uses a part.
+#[allow(dead_code)]
+#[path = "../../tests/kit/mod.rs"]
+mod kit;
 #[path = "common/plot.rs"]
 mod plot;
 
@@ -15,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 fn main() {
-    let dir = common::report_dir().unwrap_or_else(|| common::workspace_root().join("target/bench-report"));
+    let dir = common::report_dir().unwrap_or_else(|| kit::util::workspace_root().join("target/bench-report"));
     let docs = common::docs_dir();
     let data = Data::load(&dir);
     if data.lines.is_empty() {

@@ -22,8 +22,12 @@
 //! goes there), BENCH_DOCS_DIR (default `docs/`: the summary `soak.md` and the plot `soak.png` go there).
 
 mod common;
+// The tests' kit (tests/kit): the agent launcher, the fault proxy, the test database. A bench uses a part.
 #[path = "common/mysql.rs"]
 mod db;
+#[allow(dead_code)]
+#[path = "../../tests/kit/mod.rs"]
+mod kit;
 #[path = "common/plot.rs"]
 mod plot;
 
@@ -38,8 +42,12 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Opts;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 
-use common::{setting, Agent};
-use db::{Database, Gate};
+use common::{cpu_seconds, rss_kib, setting, start_agent};
+use db::Database;
+use kit::agent::Agent;
+use kit::db::TestDb;
+use kit::proxy::FaultProxy;
+use kit::redis::TestRedis;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -88,9 +96,9 @@ async fn soak() -> bool {
     // The WAL keeps forwarded records this long (for replay): its disk use levels off after that.
     let retain_secs: u64 = setting("SOAK_RETAIN_SECS", 300, 30);
     assert!(rate > 0 && clients > 0 && sample_secs > 0, "SOAK_RATE, SOAK_CLIENTS and SOAK_SAMPLE_SECS must be > 0");
-    let server = std::env::var("TELEMETRY_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into());
-    let redis_url = std::env::var("TELEMETRY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let out_dir = common::report_dir().unwrap_or_else(|| common::workspace_root().join("target/bench-report"));
+    let server = TestDb::server();
+    let redis_url = TestRedis::server();
+    let out_dir = common::report_dir().unwrap_or_else(|| kit::util::workspace_root().join("target/bench-report"));
     std::fs::create_dir_all(&out_dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", out_dir.display()));
 
     remove_leftovers(&server, &redis_url).await;
@@ -103,12 +111,14 @@ async fn soak() -> bool {
         redis_url: redis_url.clone(),
         prefix: prefix.clone(),
     };
-    let gate = Gate::start().await;
-    let agent = Agent::start(&format!(
+    let gate = Arc::new(FaultProxy::start(TestDb::server_addr()));
+    // Whether the gate lets MySQL through now (for the samples).
+    let gate_open = Arc::new(AtomicBool::new(true));
+    let agent = start_agent(&format!(
         "retain_secs = {retain_secs}\n[redis]\nurl = {redis_url:?}\nkey_prefix = {prefix:?}\n[mysql]\nurl = {:?}\n",
         db.url_via(gate.port)
     ));
-    let wal_dir = agent.dir().join("wal");
+    let wal_dir = agent.dir.path().join("wal");
     println!(
         "soak: {secs} s, {rate} events/s offered by {clients} clients, MySQL cut for {cut_secs} s every {cut_every} s, \
          a sample every {sample_secs} s; agent pid {}, WAL {}, database {}, Redis prefix {prefix}",
@@ -130,7 +140,7 @@ async fn soak() -> bool {
     // Cuts: at k × cut_every (k ≥ 1) the gate closes (refusing and cutting connections) for cut_secs.
     let cuts: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
     let cutter = {
-        let (open, cuts, load) = (gate.open.clone(), cuts.clone(), load.clone());
+        let (gate, open, cuts, load) = (gate.clone(), gate_open.clone(), cuts.clone(), load.clone());
         tokio::spawn(async move {
             if cut_every == 0 {
                 return;
@@ -145,9 +155,11 @@ async fn soak() -> bool {
                 if load.stop.load(Ordering::SeqCst) {
                     break;
                 }
+                gate.set_down(true);
                 open.store(false, Ordering::SeqCst);
                 let from = started.elapsed().as_secs_f64();
                 tokio::time::sleep(Duration::from_secs(cut_secs)).await;
+                gate.set_down(false);
                 open.store(true, Ordering::SeqCst);
                 if let Ok(mut cuts) = cuts.lock() {
                     cuts.push((from, started.elapsed().as_secs_f64()));
@@ -166,7 +178,7 @@ async fn soak() -> bool {
             _ = tick.tick() => false,
             _ = sigint.recv() => true,
         };
-        let s = sample(&agent, &wal_dir, &db, &load, started, gate.open.load(Ordering::SeqCst)).await;
+        let s = sample(&agent, &wal_dir, &db, &load, started, gate_open.load(Ordering::SeqCst)).await;
         progress(&s, samples.last(), cuts.lock().map(|c| c.len()).unwrap_or(0));
         samples.push(s);
         if ctrl_c {
@@ -182,7 +194,8 @@ async fn soak() -> bool {
         let _ = sender.await;
     }
     let _ = cutter.await;
-    gate.open.store(true, Ordering::SeqCst);
+    gate.set_down(false);
+    gate_open.store(true, Ordering::SeqCst);
     let load_secs = started.elapsed().as_secs_f64();
 
     // Every acked event must reach MySQL.
@@ -351,12 +364,12 @@ async fn sample(
     let fds = std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map(|d| d.count() as u64).unwrap_or(0);
     Sample {
         t: started.elapsed().as_secs_f64(),
-        rss_mib: agent.rss_kib() as f64 / 1024.0,
+        rss_mib: rss_kib(agent) as f64 / 1024.0,
         wal_mib: disk_use(wal_dir) as f64 / MIB,
         acked: load.acked.load(Ordering::SeqCst),
         in_mysql,
         refused: load.refused.load(Ordering::SeqCst),
-        cpu_s: agent.cpu_seconds(),
+        cpu_s: cpu_seconds(agent),
         fds,
         threads,
         gate_open,

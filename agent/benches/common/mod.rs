@@ -1,95 +1,46 @@
-//! What the bench binaries share: the release agent binary as a child process, and the quick mode and
-//! result files of `scripts/bench.sh`.
+//! What the bench binaries share beyond the tests' kit (`tests/kit`, included by each bench): the agent's
+//! bench settings and measurements, and the quick mode and result files of `scripts/bench.sh`.
 
 // Each bench binary uses a part of this module.
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-pub struct Agent {
-    dir: tempfile::TempDir,
-    pub socket: PathBuf,
-    child: Child,
+use crate::kit::agent::{Agent, Launch};
+use crate::kit::util::{proc_status_kib, workspace_root};
+
+/// Starts an agent (the tests' launcher, `tests/kit/agent.rs`) as `bench`, in a fresh directory under
+/// BENCH_DIR (default: the system temp dir), logging errors only, to this process's stderr. `extra` is TOML
+/// appended to the config, then BENCH_AGENT_CONFIG (`;` between lines) for experiments: its keys land in the
+/// last section (`[wal]` for the ingest bench, `[mysql]` for the MySQL bench).
+pub fn start_agent(extra: &str) -> Agent {
+    let launch = Launch {
+        agent_id: "bench".into(),
+        parent_dir: std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir),
+        retain_secs: None,
+        rust_log: "error".into(),
+        log_to_file: false,
+    };
+    let experiment = std::env::var("BENCH_AGENT_CONFIG").unwrap_or_default().replace(';', "\n");
+    let mut agent = Agent::configure_with(&launch, &format!("{extra}\n{experiment}\n"));
+    agent.restart();
+    agent
 }
 
-impl Agent {
-    /// Starts an agent in a fresh directory under BENCH_DIR (default: the system temp dir). `extra` is TOML
-    /// appended to the config, then BENCH_AGENT_CONFIG (`;` between lines) for experiments: its keys land in
-    /// the last section (`[wal]` for the ingest bench, `[mysql]` for the MySQL bench).
-    pub fn start(extra: &str) -> Agent {
-        let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::tempdir_in(base).expect("temp dir");
-        let socket = dir.path().join("agent.sock");
-        let config = dir.path().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[agent]\nid = \"bench\"\n[http]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = {:?}\n\
-                 [spool]\ndir = {:?}\n[ingest]\nsocket = {:?}\n[wal]\ndir = {:?}\n{extra}\n{}\n",
-                dir.path().join("control.sock").display().to_string(),
-                dir.path().join("spool").display().to_string(),
-                socket.display().to_string(),
-                dir.path().join("wal").display().to_string(),
-                std::env::var("BENCH_AGENT_CONFIG").unwrap_or_default().replace(';', "\n"),
-            ),
-        )
-        .expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn agent");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "agent did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Agent { dir, socket, child }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The agent's directory (config, sockets, `wal/`).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Resident memory now (VmRSS), 0 once the process is gone.
-    pub fn rss_kib(&self) -> u64 {
-        proc_status_kib(self.child.id(), "VmRSS:")
-    }
-
-    pub fn cpu_seconds(&self) -> f64 {
-        process_cpu_seconds(self.child.id())
-    }
-
-    pub fn peak_rss_kib(&self) -> u64 {
-        proc_status_kib(self.child.id(), "VmHWM:")
-    }
+/// The agent's resident memory now (VmRSS), 0 once the process is gone.
+pub fn rss_kib(agent: &Agent) -> u64 {
+    proc_status_kib(agent.pid(), "VmRSS:").unwrap_or(0)
 }
 
-/// A `kB` field of /proc/<pid>/status (`VmRSS:`, `VmHWM:`), 0 when unreadable.
-fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+/// The agent's peak resident memory (VmHWM).
+pub fn peak_rss_kib(agent: &Agent) -> u64 {
+    proc_status_kib(agent.pid(), "VmHWM:").unwrap_or(0)
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The agent's CPU time so far, in seconds.
+pub fn cpu_seconds(agent: &Agent) -> f64 {
+    process_cpu_seconds(agent.pid() as u32)
 }
 
 /// utime + stime of a process, in seconds.
@@ -116,11 +67,6 @@ pub fn setting<T: std::str::FromStr>(name: &str, full: T, quick_value: T) -> T {
         Err(_) if quick() => quick_value,
         Err(_) => full,
     }
-}
-
-/// The workspace root (where `target/` and `docs/` are).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// BENCH_REPORT_DIR, where `scripts/bench.sh` collects every bench's key numbers; a relative path is taken

@@ -1,12 +1,13 @@
 //! The Redis mirror against a real Redis: the newest value wins whatever the order of arrival, through
 //! connection cuts, an outage longer than the WAL keeps records, and a MySQL outage.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::{Agent, FaultProxy, TestDb, TestRedis};
+use crate::kit::agent::Agent;
+use crate::kit::db::TestDb;
+use crate::kit::proxy::FaultProxy;
+use crate::kit::redis::TestRedis;
 
 /// What Redis must hold once the mirror has caught up.
 #[derive(Default)]
@@ -112,23 +113,12 @@ fn rfc3339_ms(ms: i64) -> String {
     telemetry_agent::event::rfc3339_us(ms * 1000)
 }
 
-/// Sends `lines` over `clients` connections at once, pipelined, and asserts every one is acked.
-fn send_all(agent: &Agent, lines: &[String], clients: usize) {
+/// Sends `lines` over `clients` connections at once, each with `Client::send_all` (every line acked).
+fn send_all_over(agent: &Agent, lines: &[String], clients: usize) {
     std::thread::scope(|scope| {
         for part in lines.chunks(lines.len().div_ceil(clients).max(1)) {
             let mut client = agent.connect();
-            scope.spawn(move || {
-                let writer = {
-                    let mut stream = client.stream.try_clone().unwrap();
-                    let text: String = part.iter().map(|l| format!("{l}\n")).collect();
-                    std::thread::spawn(move || std::io::Write::write_all(&mut stream, text.as_bytes()).unwrap())
-                };
-                for line in part {
-                    let answer = client.answer().expect("answer");
-                    assert_eq!(answer["ok"], true, "{line}: {answer}");
-                }
-                writer.join().unwrap();
-            });
+            scope.spawn(move || client.send_all(part));
         }
     });
 }
@@ -158,7 +148,7 @@ fn redis_holds_the_newest_value_per_key_whatever_the_order_of_arrival() {
     let mut expected = Expected::default();
     let lines = expected.stream(20, 5, 20, 1_795_000_000_000);
     let streamed = expected.metrics.insert(("p0".into(), "m0".into()), (future_ts, 42.0)).unwrap();
-    send_all(&agent, &lines, 4);
+    send_all_over(&agent, &lines, 4);
     expected.wait_for(&redis, 20, &agent);
 
     // A late event, older than what Redis shows, changes nothing.
@@ -224,7 +214,7 @@ fn connection_cuts_during_a_stream_converge_with_one_connection_at_a_time() {
             cuts
         });
         for batch in &batches {
-            send_all(&agent, batch, 3);
+            send_all_over(&agent, batch, 3);
             std::thread::sleep(Duration::from_millis(200));
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -252,7 +242,7 @@ fn an_outage_longer_than_the_wal_keeps_records_still_converges() {
     let mut agent = Agent::start(&redis.section(&redis.url_via(proxy.port)));
     let mut expected = Expected::default();
     let lines = expected.stream(10, 5, 10, 1_795_000_000_000);
-    send_all(&agent, &lines, 2);
+    send_all_over(&agent, &lines, 2);
     // The WAL truncates once a second behind the fold, whatever Redis does.
     std::thread::sleep(Duration::from_millis(2500));
     assert!(agent.stop().success(), "{}", agent.log());
@@ -297,7 +287,7 @@ fn a_mysql_outage_does_not_stop_redis_updates() {
     ));
     let mut expected = Expected::default();
     let lines = expected.stream(5, 4, 10, 1_795_000_000_000);
-    send_all(&agent, &lines, 2);
+    send_all_over(&agent, &lines, 2);
     expected.wait_for(&redis, 20, &agent);
     assert_eq!(db.count("dd_metrics"), 0);
 
@@ -317,13 +307,13 @@ fn a_stalled_connection_is_replaced_and_nothing_is_lost() {
     ));
     let mut expected = Expected::default();
     let first = expected.stream(5, 3, 5, 1_795_000_000_000);
-    send_all(&agent, &first, 1);
+    send_all_over(&agent, &first, 1);
     expected.wait_for(&redis, 20, &agent);
 
     // Redis stops answering (the connection stays open): pushes time out; the mirror keeps retrying.
     proxy.set_stalled(true);
     let second = expected.stream(5, 3, 5, 1_795_000_001_000);
-    send_all(&agent, &second, 1);
+    send_all_over(&agent, &second, 1);
     std::thread::sleep(Duration::from_secs(2));
     proxy.set_stalled(false);
     expected.wait_for(&redis, 20, &agent);
@@ -384,7 +374,7 @@ fn a_profile_whose_keys_redis_refuses_does_not_hold_up_the_others() {
     let agent = Agent::start(&format!("{}retry_max_ms = 300\n", redis.section(&redis.url)));
     let mut expected = Expected::default();
     let lines = expected.stream(4, 2, 3, 1_795_000_000_000);
-    send_all(&agent, &lines, 1);
+    send_all_over(&agent, &lines, 1);
     let others = Expected {
         metrics: expected.metrics.iter().filter(|((p, _), _)| p != "p0").map(|(k, v)| (k.clone(), *v)).collect(),
         trades: expected.trades.iter().filter(|(p, _)| *p != "p0").map(|(k, v)| (k.clone(), v.clone())).collect(),

@@ -2,14 +2,16 @@
 //! MySQL exactly once; a live writer's file is left alone until it is closed; bad and hostile content is
 //! contained.
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, Agent, FaultProxy, TestDb};
+use crate::kit::agent::Agent;
+use crate::kit::client::metric;
+use crate::kit::db::TestDb;
+use crate::kit::proxy::FaultProxy;
+use crate::kit::util::http_get;
 
 fn spool_line(profile: &str, name: &str, value: f64, event_id: &str) -> String {
     format!(

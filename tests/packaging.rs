@@ -1,21 +1,22 @@
 //! How the agent runs as a service: the systemd unit, and the agent's side of systemd's notify protocol.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::Agent;
+use crate::kit::agent::{Agent, BIN};
+use crate::kit::client::metric;
+use crate::kit::serial::alone;
+use crate::kit::util::{skip, workspace_root};
 
 #[test]
 fn the_unit_file_passes_systemd_analyze_verify() {
     if std::process::Command::new("systemd-analyze").arg("--version").output().is_err() {
-        return common::skip("systemd-analyze is not installed (apt-get install systemd); scripts/test.sh installs it");
+        return skip("systemd-analyze is not installed (apt-get install systemd); scripts/test.sh installs it");
     }
     // verify checks that ExecStart exists: point it at the binary under test.
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/telemetry-agent.service"))
+    let unit = std::fs::read_to_string(workspace_root().join("systemd/telemetry-agent.service"))
         .unwrap()
-        .replace("/usr/bin/telemetry-agent", env!("CARGO_BIN_EXE_telemetry-agent"));
+        .replace("/usr/bin/telemetry-agent", BIN);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("telemetry-agent.service");
     std::fs::write(&path, unit).unwrap();
@@ -43,7 +44,7 @@ fn the_agent_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops
     let first = next();
     assert!(first.contains("READY=1"), "{first}");
     // Ready means serving: the socket takes events now.
-    assert_eq!(agent.connect().request(&common::metric("p", "m", 1.0))["ok"], true);
+    assert_eq!(agent.connect().request(&metric("p", "m", 1.0))["ok"], true);
     let started = Instant::now();
     while received.iter().filter(|m: &&String| m.contains("WATCHDOG=1")).count() < 2 {
         received.push(next());
@@ -64,14 +65,16 @@ fn the_agent_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops
 fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     let has_cargo_deb = std::process::Command::new("cargo").args(["deb", "--version"]).output();
     if !has_cargo_deb.is_ok_and(|o| o.status.success()) {
-        return common::skip("cargo-deb is not installed (cargo install cargo-deb); scripts/test.sh installs it");
+        return skip("cargo-deb is not installed (cargo install cargo-deb); scripts/test.sh installs it");
     }
+    // cargo deb builds the release binary: both cores, for minutes.
+    let _alone = alone();
     let out = tempfile::tempdir().unwrap();
-    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let workspace = workspace_root();
     let built = std::process::Command::new("cargo")
         .args(["deb", "-p", "telemetry-agent", "--strip", "--output"])
         .arg(out.path())
-        .current_dir(workspace)
+        .current_dir(&workspace)
         .output()
         .unwrap();
     assert!(built.status.success(), "cargo deb failed: {}", String::from_utf8_lossy(&built.stderr));
@@ -121,7 +124,7 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
         String::from_utf8_lossy(&imported.stderr)
     );
 
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml")).unwrap();
+    let example = std::fs::read_to_string(workspace.join("packaging/agent.toml")).unwrap();
     let control = tempfile::tempdir().unwrap();
     let extracted = std::process::Command::new("dpkg-deb").arg("-e").arg(&deb).arg(control.path()).status().unwrap();
     assert!(extracted.success());
@@ -151,7 +154,9 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
 fn run_without_tools(test: &str, ci: bool) -> std::process::Output {
     let empty = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-    child.args([test, "--exact", "--nocapture"]).env("PATH", empty.path()).env_remove("CI");
+    // Its name in this binary: the module path without the crate's name (`packaging::{test}`).
+    let name = format!("{}::{test}", module_path!().split_once("::").expect("a module of the e2e crate").1);
+    child.args([name.as_str(), "--exact", "--nocapture"]).env("PATH", empty.path()).env_remove("CI");
     if ci {
         child.env("CI", "true");
     }
@@ -182,11 +187,20 @@ fn purge_block(postrm: &str) -> &str {
 /// The paths docs/operations.md ("Install as a service", **Removal:**) says `dpkg --purge` deletes.
 #[test]
 fn purge_removes_every_path_the_operations_guide_says_it_removes() {
-    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let guide = std::fs::read_to_string(format!("{workspace}/docs/operations.md")).unwrap();
-    let postrm = std::fs::read_to_string(format!("{workspace}/packaging/debian/postrm")).unwrap();
-    let removal =
-        guide.split("**Removal:**").nth(1).and_then(|s| s.split("\n- ").next()).expect("docs/operations.md: Removal");
+    let workspace = workspace_root();
+    let guide = std::fs::read_to_string(workspace.join("docs/operations.md")).unwrap();
+    let postrm = std::fs::read_to_string(workspace.join("packaging/debian/postrm")).unwrap();
+    let removal = guide
+        .split("**Removal:**")
+        .nth(1)
+        .and_then(|s| {
+            s.split(
+                "
+- ",
+            )
+            .next()
+        })
+        .expect("docs/operations.md: Removal");
     let documented: Vec<&str> =
         removal.split('`').skip(1).step_by(2).filter(|quoted| quoted.starts_with('/')).collect();
     assert!(documented.contains(&"/etc/telemetry-agent"), "{removal}");

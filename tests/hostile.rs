@@ -2,35 +2,32 @@
 //! connections opened and left idle, a client that never reads its answers. Meanwhile a well-behaved client
 //! keeps getting its acks, every bad case gets its documented error, and the agent's memory stays bounded.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{metric, Agent};
+use crate::kit::agent::Agent;
+use crate::kit::client::{metric, Client};
+use crate::kit::serial::alone;
+use crate::kit::util::{proc_status_kib, raise_fd_limit};
 
-/// The agent's resident memory, from /proc.
+/// The agent's resident memory, from /proc (0 when unreadable).
 fn rss_mib(pid: i32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
+    proc_status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0
 }
 
 #[test]
 fn hostile_clients_do_not_stop_a_well_behaved_one_and_memory_stays_bounded() {
-    let limit = common::raise_fd_limit();
+    // 10,000 of this process's file descriptors, and a burst on both cores: alone.
+    let _alone = alone();
+    let limit = raise_fd_limit();
     // The agent inherits the raised limit; leave room for its own files and the other clients.
     let idle_count = 10_000.min(limit.saturating_sub(200) as usize);
     let mut agent = Agent::configure("");
     agent.restart();
     let pid = agent.pid();
     let mut good = agent.connect();
-    let good_seq = |good: &mut common::Client, i: u32| {
+    let good_seq = |good: &mut Client, i: u32| {
         let answer = good.request(&metric("good", "m", f64::from(i)));
         assert_eq!(answer["ok"], true, "the well-behaved client was refused: {answer}");
     };

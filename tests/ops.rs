@@ -1,15 +1,14 @@
 //! What an operator uses: `/metrics`, `/healthz`, `/readyz`, `status`, and `wal stats|dump|replay|
 //! dead-letters`, through the running agent and directly on a stopped agent's WAL.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{http_get, metric, Agent, FaultProxy, TestDb};
-
-fn mysql_section(url: &str) -> String {
-    format!("[mysql]\nurl = {url:?}\nmax_linger_ms = 20\nretry_initial_ms = 20\nretry_max_ms = 300\n")
-}
+use crate::kit::agent::Agent;
+use crate::kit::client::{metric, Client};
+use crate::kit::db::{mysql_section, TestDb};
+use crate::kit::proxy::FaultProxy;
+use crate::kit::serial::alone;
+use crate::kit::util::http_get;
 
 fn stdout(output: &std::process::Output) -> String {
     assert!(
@@ -393,6 +392,9 @@ fn a_damaged_wal_is_refused_with_the_salvage_command_and_salvage_forwards_only_i
 fn the_daemon_serves_in_process_until_its_shutdown_resolves() {
     use telemetry_agent::config::Config;
     use telemetry_agent::daemon;
+    // In this process, the daemon sets the umask for a moment (to create its socket 0600) and raises the
+    // open-file limit: no other test may create files meanwhile.
+    let _alone = alone();
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.agent.id = Some("in-process".into());
@@ -412,7 +414,7 @@ fn the_daemon_serves_in_process_until_its_shutdown_resolves() {
     let socket = dir.path().join("agent.sock");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut client = loop {
-        match common::Client::try_connect(&socket) {
+        match Client::try_connect(&socket) {
             Ok(client) => break client,
             Err(e) => assert!(Instant::now() < deadline, "the daemon does not listen: {e}"),
         }

@@ -1,8 +1,6 @@
 //! The socket protocol against the real agent binary: answers, error codes, pipelining, concurrency,
 //! backpressure, restarts and shutdown. What is stored is checked by reading the WAL after the agent stops.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -10,7 +8,10 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{metric, Agent, Client};
+use crate::kit::agent::{output_with_stdin, Agent, BIN};
+use crate::kit::client::{metric, Client};
+use crate::kit::serial::alone;
+use crate::kit::util::{proc_status_kib, raise_fd_limit};
 use serde_json::Value;
 use telemetry_agent::event::Event;
 
@@ -113,9 +114,7 @@ fn a_line_too_long_is_answered_then_the_connection_closes() {
 
 /// The agent's resident memory in KiB (`VmRSS` of /proc/<pid>/status).
 fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/<pid>/status");
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    proc_status_kib(pid, "VmRSS:").expect("VmRSS in /proc/<pid>/status")
 }
 
 #[test]
@@ -240,6 +239,8 @@ fn ten_thousand_pipelined_lines_are_answered_in_order() {
 
 #[test]
 fn five_hundred_concurrent_connections_are_all_answered() {
+    // A thousand descriptors, in the table this process shares with other tests.
+    raise_fd_limit();
     let mut agent = Agent::start("");
     let socket = agent.socket.clone();
     let clients: Vec<_> = (0..500)
@@ -379,11 +380,7 @@ fn the_socket_is_0660_a_stale_one_is_replaced_and_a_second_agent_is_refused() {
     assert_eq!(mode, 0o660);
 
     // A second agent on the same socket and WAL is refused, naming the problem.
-    let second = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-        .args(["run", "--config"])
-        .arg(&agent.config_path)
-        .output()
-        .unwrap();
+    let second = Command::new(BIN).args(["run", "--config"]).arg(&agent.config_path).output().unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("in use by another process"), "{stderr}");
@@ -404,8 +401,7 @@ fn a_second_agent_on_a_live_socket_is_refused() {
     );
     let other = agent.dir.path().join("other.toml");
     std::fs::write(&other, config).unwrap();
-    let second =
-        Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["run", "--config"]).arg(&other).output().unwrap();
+    let second = Command::new(BIN).args(["run", "--config"]).arg(&other).output().unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("already listening"), "{stderr}");
@@ -416,16 +412,7 @@ fn a_second_agent_on_a_live_socket_is_refused() {
 fn send_reports_acks_and_errors_by_line_number() {
     let agent = Agent::start("");
     let input = format!("{}\nnot json\n\n{}\n", metric("p", "a", 1.0), metric("p", "b", 2.0));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-        .args(["send", "--socket"])
-        .arg(&agent.socket)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = output_with_stdin(Command::new(BIN).args(["send", "--socket"]).arg(&agent.socket), &input);
     assert!(!output.status.success());
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "2 acked, 1 failed");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -437,22 +424,14 @@ fn check_config_masks_secrets_and_rejects_unknown_keys() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, "[mysql]\nurl = \"mysql://telemetry:s3cret@127.0.0.1:3306/telemetry\"\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert!(output.status.success());
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(shown.contains("telemetry:****@") && !shown.contains("s3cret"), "{shown}");
     assert!(shown.contains("max_line_bytes = 65536"), "defaults are shown: {shown}");
 
     std::fs::write(&path, "[wal]\nmax_byte = 1\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = Command::new(BIN).args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_byte") && stderr.contains("agent.toml"), "{stderr}");
@@ -500,11 +479,7 @@ fn a_wal_keeps_its_agent_id() {
     assert!(agent.stop().success());
     let config = std::fs::read_to_string(&agent.config_path).unwrap().replace("test-agent", "renamed");
     std::fs::write(&agent.config_path, config).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_telemetry-agent"))
-        .args(["run", "--config"])
-        .arg(&agent.config_path)
-        .output()
-        .unwrap();
+    let output = Command::new(BIN).args(["run", "--config"]).arg(&agent.config_path).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("belongs to agent `test-agent`") && stderr.contains("renamed"), "{stderr}");
@@ -643,6 +618,9 @@ fn repeated_sigterm_with_resends_of_unanswered_lines_stores_no_duplicates() {
 
 #[test]
 fn clients_that_never_read_do_not_take_the_inflight_budget() {
+    // The good client's requests may wait only 500 ms for the budget: another test's fsyncs (a spool drain,
+    // a MySQL bulk load) on the same disk can take that long, so this one runs alone.
+    let _alone = alone();
     let agent = Agent::start("[ingest]\nmax_inflight_bytes = 98304\noverload_timeout_ms = 500");
     let line = trade_with_meta(2000);
     let _deaf: Vec<Client> = (0..3)

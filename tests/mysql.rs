@@ -1,19 +1,16 @@
 //! The MySQL forwarder against the real MariaDB: one fresh database per test, faults injected for real
 //! (a TCP proxy that cuts and stalls connections, kill -9 of the agent).
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{migrate, Agent, Client, FaultProxy, TestDb};
+use crate::kit::agent::{output_with_stdin, Agent, BIN};
+use crate::kit::client::Client;
+use crate::kit::db::{migrate, mysql_section, TestDb};
+use crate::kit::proxy::FaultProxy;
+use crate::kit::util::raise_fd_limit;
 use telemetry_wal::{Wal, WalOptions};
-
-/// Fast linger and retries so the tests do not wait on production defaults.
-fn mysql_section(url: &str) -> String {
-    format!("[mysql]\nurl = {url:?}\nmax_linger_ms = 20\nretry_initial_ms = 20\nretry_max_ms = 300\nwrite_timeout_ms = 3000\n")
-}
 
 fn metric_line(i: usize) -> String {
     format!(
@@ -31,29 +28,6 @@ fn trade_line(i: usize) -> String {
         i % 100,
         i % 1_000_000
     )
-}
-
-/// Sends `lines` pipelined on one connection and returns the event ids acked.
-fn send_all(client: &mut Client, lines: &[String]) -> Vec<String> {
-    let writer = client.stream.try_clone().unwrap();
-    let owned: Vec<String> = lines.to_vec();
-    let sender = std::thread::spawn(move || {
-        use std::io::Write;
-        let mut out = std::io::BufWriter::new(writer);
-        for line in owned {
-            writeln!(out, "{line}").unwrap();
-        }
-        out.flush().unwrap();
-    });
-    let acked = (0..lines.len())
-        .map(|_| {
-            let answer = client.answer().unwrap();
-            assert_eq!(answer["ok"], true, "{answer}");
-            answer["event_id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    sender.join().unwrap();
-    acked
 }
 
 fn stored_ids(db: &TestDb) -> Vec<String> {
@@ -77,7 +51,7 @@ fn every_event_becomes_exactly_one_row_with_exact_values() {
     let db = TestDb::migrated();
     let mut agent = Agent::start(&mysql_section(&db.url()));
     let lines: Vec<String> = (0..3000).map(|i| if i % 4 == 3 { trade_line(i) } else { metric_line(i) }).collect();
-    let acked = send_all(&mut agent.connect(), &lines);
+    let acked = agent.connect().send_all(&lines);
     db.wait_for_rows("dd_metrics", 2250, 60);
     db.wait_for_rows("dd_trade_performance", 750, 60);
     assert_exactly_once(&db, &acked);
@@ -104,7 +78,7 @@ fn every_event_becomes_exactly_one_row_with_exact_values() {
         )]
     );
     // The offset reaches the last event, even when batches committed out of order.
-    send_all(&mut agent.connect(), &[metric_line(5000)]);
+    agent.connect().send_all(&[metric_line(5000)]);
     db.wait_for_rows("dd_metrics", 2251, 30);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -145,7 +119,7 @@ fn mysql_down_at_start_is_normal_and_everything_arrives_when_it_answers() {
     proxy.set_down(true);
     let agent = Agent::start(&mysql_section(&db.url_via(proxy.port)));
     let lines: Vec<String> = (0..500).map(metric_line).collect();
-    let acked = send_all(&mut agent.connect(), &lines);
+    let acked = agent.connect().send_all(&lines);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(db.count("dd_metrics"), 0);
     assert!(proxy.accepted() > 0, "the agent never tried to connect");
@@ -172,7 +146,7 @@ fn connections_cut_mid_transaction_lose_and_duplicate_nothing() {
             let lines: Vec<String> = (round * 500..(round + 1) * 500)
                 .map(|i| if i % 4 == 3 { trade_line(i) } else { metric_line(i) })
                 .collect();
-            acked.extend(send_all(&mut client, &lines));
+            acked.extend(client.send_all(&lines));
             std::thread::sleep(Duration::from_millis(30));
         }
         acked
@@ -208,7 +182,7 @@ fn kill_9_while_forwarding_loses_and_duplicates_nothing() {
     let mut acked = Vec::new();
     for round in 0..8 {
         let lines: Vec<String> = (round * 600..(round + 1) * 600).map(metric_line).collect();
-        acked.extend(send_all(&mut agent.connect(), &lines));
+        acked.extend(agent.connect().send_all(&lines));
         // Kill while the forwarder is still draining this round.
         std::thread::sleep(Duration::from_millis(fastrand::u64(5..60)));
         agent.kill9();
@@ -227,7 +201,7 @@ fn a_record_mysql_refuses_is_dead_lettered_and_its_neighbours_arrive() {
     let mut agent = Agent::start(&mysql_section(&db.url()));
     let mut lines: Vec<String> = (0..200).map(metric_line).collect();
     lines[120] = r#"{"kind":"metric","profile_id":"p","name":"much_too_long","value":1,"event_id":"poison"}"#.into();
-    let acked = send_all(&mut agent.connect(), &lines);
+    let acked = agent.connect().send_all(&lines);
     db.wait_for_rows("dd_metrics", 199, 60);
     let expected: Vec<String> = acked.into_iter().filter(|id| id != "poison").collect();
     assert_exactly_once(&db, &expected);
@@ -247,6 +221,8 @@ fn a_record_mysql_refuses_is_dead_lettered_and_its_neighbours_arrive() {
 
 #[test]
 fn five_hundred_clients_share_a_bounded_pool() {
+    // A thousand descriptors, in the table this process shares with other tests.
+    raise_fd_limit();
     let db = TestDb::migrated();
     // Every agent connection goes through the proxy, which counts them.
     let proxy = FaultProxy::start(TestDb::server_addr());
@@ -258,7 +234,7 @@ fn five_hundred_clients_share_a_bounded_pool() {
             std::thread::spawn(move || {
                 let mut client = Client::connect(&socket);
                 let lines: Vec<String> = (c * 10..(c + 1) * 10).map(metric_line).collect();
-                send_all(&mut client, &lines)
+                client.send_all(&lines)
             })
         })
         .collect();
@@ -273,7 +249,7 @@ fn five_hundred_clients_share_a_bounded_pool() {
 fn a_schema_behind_keeps_events_until_migrated() {
     let db = TestDb::new();
     let agent = Agent::start(&mysql_section(&db.url()));
-    let acked = send_all(&mut agent.connect(), &(0..50).map(metric_line).collect::<Vec<_>>());
+    let acked = agent.connect().send_all(&(0..50).map(metric_line).collect::<Vec<_>>());
     assert!(migrate(&db.url()).status.success());
     db.wait_for_rows("dd_metrics", 50, 60);
     assert_exactly_once(&db, &acked);
@@ -312,7 +288,7 @@ fn migrate_is_idempotent_concurrent_and_refuses_edited_files() {
 fn restart_resumes_from_mysql_when_it_is_ahead_of_the_local_cursor() {
     let db = TestDb::migrated();
     let mut agent = Agent::start(&mysql_section(&db.url()));
-    let acked = send_all(&mut agent.connect(), &(0..300).map(metric_line).collect::<Vec<_>>());
+    let acked = agent.connect().send_all(&(0..300).map(metric_line).collect::<Vec<_>>());
     db.wait_for_rows("dd_metrics", 300, 60);
     assert!(agent.stop().success());
     // Simulate a crash between COMMIT and the local cursor update: wind the local cursor back.
@@ -325,7 +301,7 @@ fn restart_resumes_from_mysql_when_it_is_ahead_of_the_local_cursor() {
     db.exec("DELETE FROM dd_metrics WHERE event_id = 'm-0'");
     agent.restart();
     let started = Instant::now();
-    let more = send_all(&mut agent.connect(), &[metric_line(1000)]);
+    let more = agent.connect().send_all(&[metric_line(1000)]);
     db.wait_for_rows("dd_metrics", 300, 30);
     assert!(started.elapsed() < Duration::from_secs(30));
     let stored: HashSet<String> = stored_ids(&db).into_iter().collect();
@@ -358,15 +334,14 @@ fn the_password_file_must_be_private_and_is_used() {
         ),
     )
     .unwrap();
-    let refused =
-        Command::new(env!("CARGO_BIN_EXE_telemetry-agent")).args(["run", "--config"]).arg(&config).output().unwrap();
+    let refused = Command::new(BIN).args(["run", "--config"]).arg(&config).output().unwrap();
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("readable by others") && stderr.contains("chmod 600"), "{stderr}");
 
     std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let agent = Agent::start(&section);
-    send_all(&mut agent.connect(), &[metric_line(1)]);
+    agent.connect().send_all(&[metric_line(1)]);
     db.wait_for_rows("dd_metrics", 1, 30);
 }
 
@@ -416,7 +391,7 @@ fn an_offset_the_wal_later_passes_never_makes_the_agent_skip() {
     }
     agent.restart();
     // The WAL passes both offsets: every event still arrives, none is skipped.
-    let mut acked = send_all(&mut agent.connect(), &(0..300).map(metric_line).collect::<Vec<_>>());
+    let mut acked = agent.connect().send_all(&(0..300).map(metric_line).collect::<Vec<_>>());
     db.wait_for_rows("dd_metrics", 301, 30);
     acked.push("test-agent-1".into());
     assert_exactly_once(&db, &acked);
@@ -432,15 +407,15 @@ fn two_agents_with_one_id_and_their_own_wals_lose_nothing() {
     create_wal(&b.wal_dir, 1, 1);
     a.restart();
     b.restart();
-    let mut acked = send_all(&mut a.connect(), &idless("a", 50));
-    acked.extend(send_all(&mut b.connect(), &idless("b", 50)));
+    let mut acked = a.connect().send_all(&idless("a", 50));
+    acked.extend(b.connect().send_all(&idless("b", 50)));
     acked.push("test-agent-1".into());
     db.wait_for_rows("dd_metrics", 101, 30);
     // The first restarts after its twin has forwarded, and both keep sending.
     a.kill9();
     a.restart();
-    acked.extend(send_all(&mut a.connect(), &idless("a2", 50)));
-    acked.extend(send_all(&mut b.connect(), &idless("b2", 50)));
+    acked.extend(a.connect().send_all(&idless("a2", 50)));
+    acked.extend(b.connect().send_all(&idless("b2", 50)));
     db.wait_for_rows("dd_metrics", 201, 30);
     assert_exactly_once(&db, &acked);
     let expected: Vec<(String, u64)> = [("a", 50), ("a2", 50), ("b", 50), ("b2", 50), ("old", 1)]
@@ -457,7 +432,7 @@ fn a_wal_copied_to_a_second_host_forwards_each_event_once() {
     proxy.set_down(true);
     // The original acks events MySQL has not seen yet (it is away), then its WAL is copied to a second host.
     let mut original = Agent::start(&mysql_section(&db.url_via(proxy.port)));
-    let mut acked = send_all(&mut original.connect(), &idless("before", 40));
+    let mut acked = original.connect().send_all(&idless("before", 40));
     assert!(original.stop().success());
     let mut copy = Agent::configure(&mysql_section(&db.url()));
     let status = Command::new("cp").arg("-a").arg(&original.wal_dir).arg(&copy.wal_dir).status().unwrap();
@@ -465,8 +440,8 @@ fn a_wal_copied_to_a_second_host_forwards_each_event_once() {
     proxy.set_down(false);
     original.restart();
     copy.restart();
-    acked.extend(send_all(&mut original.connect(), &idless("original", 30)));
-    acked.extend(send_all(&mut copy.connect(), &idless("copy", 30)));
+    acked.extend(original.connect().send_all(&idless("original", 30)));
+    acked.extend(copy.connect().send_all(&idless("copy", 30)));
     db.wait_for_rows("dd_metrics", 100, 30);
     assert_exactly_once(&db, &acked);
     let expected: Vec<(String, u64)> =
@@ -480,7 +455,7 @@ fn records_from_before_runs_keep_their_ids_after_an_upgrade() {
     let mut agent = Agent::configure(&mysql_section(&db.url()));
     create_wal(&agent.wal_dir, 1, 20);
     agent.restart();
-    let acked = send_all(&mut agent.connect(), &idless("new", 10));
+    let acked = agent.connect().send_all(&idless("new", 10));
     db.wait_for_rows("dd_metrics", 30, 30);
     let legacy: Vec<String> = (1..=20).map(|seq| format!("test-agent-{seq}")).collect();
     assert_exactly_once(&db, &[legacy, acked.clone()].concat());
@@ -493,7 +468,7 @@ fn records_from_before_runs_keep_their_ids_after_an_upgrade() {
         wal.close().unwrap();
     }
     agent.restart();
-    let more = send_all(&mut agent.connect(), &idless("later", 1));
+    let more = agent.connect().send_all(&idless("later", 1));
     db.wait_for_rows("dd_metrics", 31, 30);
     assert!(stored_ids(&db).contains(&more[0]));
 }
@@ -504,7 +479,7 @@ fn a_script_cannot_send_an_id_the_agent_generates() {
     use std::os::unix::process::CommandExt;
     let db = TestDb::migrated();
     let agent = Agent::start(&mysql_section(&db.url()));
-    let generated = send_all(&mut agent.connect(), &idless("p", 1)).remove(0);
+    let generated = agent.connect().send_all(&idless("p", 1)).remove(0);
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED the script-user half: needs root to act as another user");
         return;
@@ -512,7 +487,7 @@ fn a_script_cannot_send_an_id_the_agent_generates() {
     // A script running as its own user (nobody) sends the generated id as its own, and a natural id of its
     // own that has the old generated form.
     let bin = agent.dir.path().join("telemetry-agent");
-    std::fs::copy(env!("CARGO_BIN_EXE_telemetry-agent"), &bin).unwrap();
+    std::fs::copy(BIN, &bin).unwrap();
     for path in [agent.dir.path(), &bin, &agent.socket] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
@@ -520,21 +495,9 @@ fn a_script_cannot_send_an_id_the_agent_generates() {
         "{{\"kind\":\"metric\",\"profile_id\":\"p\",\"name\":\"m\",\"value\":9,\"event_id\":\"{generated}\"}}\n\
          {{\"kind\":\"metric\",\"profile_id\":\"p\",\"name\":\"m\",\"value\":8,\"event_id\":\"test-agent-1796185805413002\"}}\n"
     );
-    let mut child = Command::new(&bin)
-        .args(["send", "--socket"])
-        .arg(&agent.socket)
-        .uid(65534)
-        .gid(65534)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
-    }
-    let output = child.wait_with_output().unwrap();
+    let mut send = Command::new(&bin);
+    send.args(["send", "--socket"]).arg(&agent.socket).uid(65534).gid(65534);
+    let output = output_with_stdin(&mut send, &lines);
     let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(printed.contains("1 acked, 1 failed"), "{printed}");
     assert!(printed.contains("invalid_event") && printed.contains("reserved"), "{printed}");
@@ -649,10 +612,7 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
 fn a_reloaded_write_timeout_shortens_lock_waits_too() {
     use mysql_async::prelude::Queryable;
     let db = TestDb::migrated();
-    let agent = Agent::start(&format!(
-        "[mysql]\nurl = {:?}\nmax_linger_ms = 20\nretry_initial_ms = 20\nretry_max_ms = 300\nwrite_timeout_ms = 60000\n",
-        db.url()
-    ));
+    let agent = Agent::start(&(mysql_section(&db.url()) + "write_timeout_ms = 60000\n"));
     let original = std::fs::read_to_string(&agent.config_path).unwrap();
     let tmp = agent.config_path.with_extension("tmp");
     std::fs::write(&tmp, original.replace("write_timeout_ms = 60000", "write_timeout_ms = 10000")).unwrap();
