@@ -192,7 +192,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             WalCommand::Salvage => {
                 let config = Config::load(config.as_deref())?;
                 init_logging_at(Some("warn"), &config);
-                commands::salvage(&config)
+                // sled's recovery and the WAL's threads block: not on the runtime's threads.
+                tokio::task::spawn_blocking(move || commands::salvage(&config))
+                    .await
+                    .context("the salvage task failed")?
             }
         },
         Command::Mirror { config, command: MirrorCommand::Forget { profile, metric } } => {

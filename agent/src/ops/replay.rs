@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use telemetry_wal::{Wal, WalOptions};
 use tokio::sync::watch;
 
@@ -69,6 +69,7 @@ pub async fn replay_wal_dir(config: &Config, dir: &Path, sink: Sink) -> anyhow::
         anyhow::Ok(())
     }
     .await;
-    wal.close()?;
+    // Closing waits for the WAL's writer thread: not on the runtime's threads.
+    tokio::task::spawn_blocking(move || wal.close()).await.context("the WAL close task failed")??;
     result.map(|()| ExitCode::SUCCESS)
 }
