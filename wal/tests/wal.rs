@@ -515,11 +515,13 @@ fn crash_test_every_acked_record_survives_kill_9() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let lines = run_crash_child(dir.path(), None, Duration::from_millis(150 + rng % 400));
-        assert!(!lines.is_empty() || round > 0, "the child acked nothing before it was killed");
         for (seq, payload) in lines {
             assert!(acked.insert(seq, payload).is_none(), "seq {seq} acked twice");
         }
     }
+    // A kill may land while a slow (loaded) machine still starts the child, which is a crash point worth
+    // having; but some round must have appended, or the test checked nothing.
+    assert!(!acked.is_empty(), "no child acked anything before it was killed, in {rounds} rounds");
     let wal = open(dir.path(), WalOptions::default());
     let stored: BTreeMap<u64, String> =
         read_all(&wal).into_iter().map(|(seq, p)| (seq, String::from_utf8(p).unwrap())).collect();
@@ -542,7 +544,6 @@ fn crash_test_truncation_never_loses_an_acked_record_nor_reuses_a_seq() {
         rng ^= rng << 17;
         let run_ms = if std::env::var_os("WAL_CRASH_HEAVY").is_some() { 500 + rng % 4000 } else { 150 + rng % 400 };
         let lines = run_crash_child_with(dir.path(), None, true, Duration::from_millis(run_ms));
-        assert!(!lines.is_empty() || round > 0, "the child acked nothing before it was killed");
         for (seq, payload) in lines {
             assert!(acked.insert(seq, payload).is_none(), "seq {seq} acked twice");
         }
@@ -563,6 +564,7 @@ fn crash_test_truncation_never_loses_an_acked_record_nor_reuses_a_seq() {
         }
         wal.close().unwrap();
     }
+    assert!(!acked.is_empty(), "no child acked anything before it was killed, in {rounds} rounds");
     eprintln!("truncating crash test: {rounds} kills, {} acked records, none lost", acked.len());
 }
 
