@@ -27,7 +27,7 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// This host's name in MySQL (`agent_id` columns) and in generated event ids. Default: the hostname.
+    /// This host's name in MySQL (`agent_id` columns); fixed once the WAL exists. Default: the hostname.
     pub id: Option<String>,
     /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter; `RUST_LOG` overrides it.
     pub log_level: String,
