@@ -64,7 +64,7 @@ fn check_config_never_prints_a_password_from_a_url_or_a_malformed_line() {
     assert!(shown.contains("line 4"), "the error does not say where:\n{shown}");
 }
 
-/// Request timeout of the control socket (agent/src/control.rs) plus slack.
+/// Request timeout of the control socket (agent/src/ops/control.rs) plus slack.
 const CONTROL_IDLE_CLOSED_WITHIN: Duration = Duration::from_secs(15);
 
 #[test]
