@@ -510,7 +510,7 @@ fn crash_test_every_acked_record_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let mut acked: BTreeMap<u64, String> = BTreeMap::new();
     let mut rng = 0x9e3779b97f4a7c15u64;
-    for round in 0..rounds {
+    for _ in 0..rounds {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
