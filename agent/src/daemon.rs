@@ -257,16 +257,15 @@ impl Watchdog {
 /// Drops what every sink has passed (cheap when there is nothing to drop) and refreshes the WAL gauges.
 async fn truncate_and_measure(wal: &Wal, sinks: &[Sink]) {
     let (wal, sinks) = (wal.clone(), sinks.to_vec());
-    let task = tokio::task::spawn_blocking(move || {
+    let truncated = crate::sink::blocking(move || {
         let truncated = wal.truncate();
         refresh_gauges(&wal, &sinks);
         truncated
     });
-    match task.await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(records)) => tracing::debug!(records, "truncated WAL"),
-        Ok(Err(e)) => tracing::error!(error = %e, "WAL truncation failed"),
-        Err(e) => tracing::error!(error = %e, "WAL housekeeping task failed"),
+    match truncated.await {
+        Ok(0) => {}
+        Ok(records) => tracing::debug!(records, "truncated WAL"),
+        Err(error) => tracing::error!(error, "WAL truncation failed"),
     }
 }
 
