@@ -232,4 +232,29 @@ mod tests {
             assert!(["agent", "mysql", "redis"].contains(&section), "{key}");
         }
     }
+
+    #[test]
+    fn a_sighup_right_after_spawn_reloads_instead_of_ending_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "[agent]\nlog_level = \"debug\"\n").unwrap();
+        let mut running = Config::load(Some(&path)).unwrap();
+        running.agent.log_level = "info".into();
+        let (set_tx, mut set_rx) = mpsc::unbounded_channel::<String>();
+        let log_level: LogLevelSetter = Box::new(move |level: &str| {
+            let _ = set_tx.send(level.to_string());
+            Ok(())
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            spawn(path.clone(), running, Live { forward: None, redis: None, log_level: Some(log_level) }, stop_rx);
+            // On a current-thread runtime the spawned task has not run yet: only a handler that `spawn` itself
+            // installed stands between this signal and its default action, which ends the process.
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).unwrap();
+            let applied = tokio::time::timeout(Duration::from_secs(10), set_rx.recv()).await;
+            assert_eq!(applied.ok().flatten().as_deref(), Some("debug"), "the SIGHUP did not reload");
+            stop_tx.send(true).unwrap();
+        });
+    }
 }
