@@ -304,6 +304,9 @@ fn refresh_gauges(wal: &Wal, sinks: &[Sink]) {
     METRICS.wal_max_bytes.set(report.max_bytes as i64);
     METRICS.wal_live_bytes.set(report.live_bytes as i64);
     METRICS.wal_records.set(report.records as i64);
+    // Counted by the WAL since open, as is the agent's counter: add what is new.
+    METRICS.wal_group_commits.inc_by(report.group_commits.saturating_sub(METRICS.wal_group_commits.get()));
+    METRICS.wal_syncs.inc_by(report.syncs.saturating_sub(METRICS.wal_syncs.get()));
     METRICS.dead_letters.set(report.dead_letters as i64);
     for (sink, lag) in sinks.iter().zip(&report.sinks) {
         let labels = crate::ops::metrics::SinkLabel { sink: sink.name() };

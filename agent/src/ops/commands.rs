@@ -86,6 +86,11 @@ pub struct WalReport {
     pub newest_ms: Option<u64>,
     pub sinks: Vec<SinkLag>,
     pub dead_letters: u64,
+    /// Since the WAL was opened.
+    #[serde(default)]
+    pub group_commits: u64,
+    #[serde(default)]
+    pub syncs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +223,8 @@ pub fn wal_report(wal: &Wal, sinks: &[Sink]) -> anyhow::Result<WalReport> {
         newest_ms,
         sinks: lags,
         dead_letters: stats.dead_letters,
+        group_commits: stats.group_commits,
+        syncs: stats.data_syncs,
     })
 }
 

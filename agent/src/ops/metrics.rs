@@ -47,6 +47,8 @@ pub struct Metrics {
     pub wal_max_bytes: Gauge,
     pub wal_live_bytes: Gauge,
     pub wal_records: Gauge,
+    pub wal_group_commits: Counter,
+    pub wal_syncs: Counter,
     pub dead_letters: Gauge,
     pub sink_up: Family<SinkLabel, Gauge>,
     pub sink_lag_records: Family<SinkLabel, Gauge>,
@@ -114,6 +116,8 @@ impl Metrics {
             wal_max_bytes: Gauge::default(),
             wal_live_bytes: Gauge::default(),
             wal_records: Gauge::default(),
+            wal_group_commits: Counter::default(),
+            wal_syncs: Counter::default(),
             dead_letters: Gauge::default(),
             sink_up: Family::default(),
             sink_lag_records: Family::default(),
@@ -151,6 +155,12 @@ impl Metrics {
         r.register(format!("{p}_wal_max_bytes"), "The WAL's cap ([wal] max_bytes)", self.wal_max_bytes.clone());
         r.register(format!("{p}_wal_live_bytes"), "Bytes of records the WAL holds", self.wal_live_bytes.clone());
         r.register(format!("{p}_wal_records"), "Records the WAL holds", self.wal_records.clone());
+        r.register(
+            format!("{p}_wal_group_commits"),
+            "Group commits written to the WAL (one write and, in fsync mode, one sync each)",
+            self.wal_group_commits.clone(),
+        );
+        r.register(format!("{p}_wal_syncs"), "fdatasync calls on the WAL's data file", self.wal_syncs.clone());
         r.register(format!("{p}_dead_letters"), "Records kept as dead letters", self.dead_letters.clone());
         r.register(
             format!("{p}_sink_up"),

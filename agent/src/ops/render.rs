@@ -158,6 +158,7 @@ mod tests {
             newest_ms: None,
             sinks: vec![SinkLag { sink: "mysql".into(), cursor: 1200, lag_records: 400, lag_seconds: 2.25 }],
             dead_letters: 3,
+            ..WalReport::default()
         }
     }
 
