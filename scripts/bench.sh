@@ -37,8 +37,8 @@ ensure_pyvenv bench
 export BENCH_REPORT_DIR
 BENCH_REPORT_DIR="$(realpath -m "${BENCH_REPORT_DIR:-${CARGO_TARGET_DIR:-target}/bench-report}")"
 mkdir -p "$BENCH_REPORT_DIR"
-rm -f "$BENCH_REPORT_DIR"/{run,append,ingest,mysql,redis,python}.jsonl "$BENCH_REPORT_DIR"/mysql-outage.csv \
-    "$BENCH_REPORT_DIR"/{build,append,ingest,mysql,redis,python,report}.log
+rm -f "$BENCH_REPORT_DIR"/{run,append,ingest,steady,mysql,redis,python}.jsonl "$BENCH_REPORT_DIR"/mysql-outage.csv \
+    "$BENCH_REPORT_DIR"/{build,append,ingest,steady,mysql,redis,python,report}.log
 quick=false
 if [ -n "${BENCH_QUICK:-}" ] && [ "${BENCH_QUICK}" != 0 ]; then quick=true; fi
 echo "{\"kind\":\"run\",\"quick\":$quick,\"started\":\"$(date -u '+%Y-%m-%d %H:%M UTC')\"}" >"$BENCH_REPORT_DIR/run.jsonl"
@@ -59,6 +59,7 @@ step() {
 step build "release build" cargo bench --no-run -p telemetry-wal -p telemetry-agent
 step append "WAL append" cargo bench -q -p telemetry-wal --bench append
 step ingest "socket ingest" cargo bench -q -p telemetry-agent --bench ingest
+step steady "steady state" cargo bench -q -p telemetry-agent --bench steady
 step mysql "MySQL" cargo bench -q -p telemetry-agent --bench mysql
 step redis "Redis" cargo bench -q -p telemetry-agent --bench redis
 step python "Python client" "$python_venv/bin/python" clients/python/benchmarks/compare.py

@@ -194,9 +194,9 @@ fn render(data: &Data, plotted: bool) -> String {
         md,
         "`scripts/bench.sh` makes sure MariaDB and Redis answer (as the tests do), installs redis-py for the Python \
          baseline when missing, builds every bench in release once, then runs `cargo bench -p telemetry-wal --bench \
-         append`, `cargo bench -p telemetry-agent --bench` `ingest`, `mysql` and `redis`, and the Python client's \
+         append`, `cargo bench -p telemetry-agent --bench` `ingest`, `steady`, `mysql` and `redis`, and the Python client's \
          `clients/python/benchmarks/compare.py` (in the test venv, `target/pyvenv`), one after the other, with `BENCH_REPORT_DIR` set: each bench prints its own tables as before and also writes \
-         its numbers as JSON lines there (`append.jsonl`, `ingest.jsonl`, `mysql.jsonl`, `redis.jsonl`, \
+         its numbers as JSON lines there (`append.jsonl`, `ingest.jsonl`, `steady.jsonl`, `mysql.jsonl`, `redis.jsonl`, \
          `python.jsonl`, the outage time series `mysql-outage.csv`, each bench's output in `*.log`). Last, `cargo \
          bench -p telemetry-agent --bench report` turns them into this page and `mysql-outage.png`. Every bench \
          still runs alone as docs/performance.md describes.\n"
@@ -312,6 +312,7 @@ fn summary_rows(data: &Data) -> Vec<Row> {
             }
         }
     }
+    steady_rows(data, &mut rows);
     // MySQL: the agent against (a), (b) and the ceiling (c), per pass.
     let mut prefills: Vec<f64> = data.all("mysql").filter_map(|m| num(m, "prefill")).collect();
     prefills.sort_by(f64::total_cmp);
@@ -420,6 +421,78 @@ fn summary_rows(data: &Data) -> Vec<Row> {
 }
 
 /// The Python client benchmark's row of `way` with `processes` script processes.
+/// The steady-state targets of issue 17, against the agent before it (measured with the same bench on
+/// 2026-12-02, docs/performance.md "Steady state"): CPU per event at 1/5 of that, at most one context switch
+/// per event at 5,000/s, idle under 0.5% of a core, ack p99 under 10 ms at 10,000/s.
+const STEADY_BEFORE_US: [(f64, f64); 2] = [(500.0, 866.0), (5000.0, 198.0)];
+
+fn steady_rows(data: &Data, rows: &mut Vec<Row>) {
+    for s in data.all("steady").filter(|s| s["sinks"] == "all") {
+        let (Some(rate), Some(cpu), Some(switches)) =
+            (num(s, "offered_per_s"), num(s, "cpu_us_per_event"), num(s, "switches_per_event"))
+        else {
+            continue;
+        };
+        let scripts = num(s, "scripts").unwrap_or(0.0);
+        let area = format!(
+            "Steady state, {scripts:.0} scripts each sending one event and waiting for its ack, {} events/s, MySQL and Redis on",
+            thousands(rate)
+        );
+        if let Some(&(_, before)) = STEADY_BEFORE_US.iter().find(|(r, _)| *r == rate) {
+            rows.push(Row {
+                area: area.clone(),
+                measured: format!("agent CPU {cpu:.1} µs per event, {switches:.2} context switches per event"),
+                against: format!("the agent before issue 17: {before:.0} µs per event"),
+                ratio: ratio(cpu, before),
+                target: format!(
+                    "≤ 0.2x: {}{}",
+                    verdict(cpu <= before / 5.0),
+                    if rate == 5000.0 { format!("; ≤ 1 switch per event: {}", verdict(switches <= 1.0)) } else { String::new() }
+                ),
+            });
+        }
+        if rate == 10_000.0 {
+            if let Some(p99) = num(s, "p99_ms") {
+                rows.push(Row {
+                    area,
+                    measured: format!("ack p99 {p99:.2} ms (p50 {:.2} ms)", num(s, "p50_ms").unwrap_or(0.0)),
+                    against: "target 10 ms".into(),
+                    ratio: ratio(p99, 10.0),
+                    target: format!("< 10 ms: {}", verdict(p99 < 10.0)),
+                });
+            }
+        }
+    }
+    // The host's side: what a script's client spends per event (compare.py, 30 processes) plus the agent at
+    // 5,000/s, against what the old way costs a script per event.
+    let agent_us = data
+        .all("steady")
+        .find(|s| s["sinks"] == "all" && num(s, "offered_per_s") == Some(5000.0))
+        .and_then(|s| num(s, "cpu_us_per_event"));
+    let client_us = python_row(data, "client", 30.0).and_then(|c| num(c, "cpu_us_per_event"));
+    let old_us = python_row(data, "old", 30.0).and_then(|c| num(c, "cpu_us_per_event"));
+    if let (Some(agent_us), Some(client_us), Some(old_us)) = (agent_us, client_us, old_us) {
+        let host = agent_us + client_us;
+        rows.push(Row {
+            area: "Steady state, host CPU per event at 5,000 events/s (scripts' client plus agent)".into(),
+            measured: format!("{host:.1} µs ({client_us:.1} µs client + {agent_us:.1} µs agent)"),
+            against: format!("(a) old way's script CPU per event, 30 processes: {old_us:.1} µs"),
+            ratio: ratio(host, old_us),
+            target: format!("≤ 0.25x: {}", verdict(host <= old_us / 4.0)),
+        });
+    }
+    for s in data.all("steady_idle").filter(|s| s["sinks"] == "all") {
+        let Some(core) = num(s, "cpu_core") else { continue };
+        rows.push(Row {
+            area: "Steady state, idle (no events), MySQL and Redis on".into(),
+            measured: format!("{:.2}% of a core", core * 100.0),
+            against: "target 0.5%".into(),
+            ratio: ratio(core * 100.0, 0.5),
+            target: format!("≤ 0.5%: {}", verdict(core * 100.0 <= 0.5)),
+        });
+    }
+}
+
 fn python_row<'a>(data: &'a Data, way: &str, processes: f64) -> Option<&'a Value> {
     data.all("python").filter(|r| r["way"] == way && num(r, "processes") == Some(processes)).last()
 }
@@ -558,6 +631,49 @@ fn details(md: &mut String, data: &Data, plotted: bool) {
                 g("p50_ms"),
                 g("p99_ms"),
                 g("peak_rss_mib")
+            );
+        }
+        let _ = writeln!(md);
+    }
+    if data.one("steady").is_some() {
+        let _ = writeln!(md, "### Steady state (`cargo bench -p telemetry-agent --bench steady`)\n");
+        let _ = writeln!(
+            md,
+            "Scripts each sending one metric and waiting for its ack, paced together to the offered rate; the agent's \
+             CPU (utime+stime), context switches (all its threads) and WAL counters over the measured window.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| sinks | offered | acked/s | agent CPU per event | agent CPU (of a core) | context switches per event | \
+             group commits/s | fdatasyncs/s | ack p50 | ack p99 | RSS |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for s in data.all("steady") {
+            let g = |k| num(s, k).unwrap_or(0.0);
+            let _ = writeln!(
+                md,
+                "| {} | {}/s | {} | {:.1} µs | {:.1}% | {:.2} | {:.0} | {:.0} | {:.2} ms | {:.2} ms | {:.1} MiB |",
+                s["sinks"].as_str().unwrap_or("?"),
+                thousands(g("offered_per_s")),
+                thousands(g("events") / g("secs").max(1e-9)),
+                g("cpu_us_per_event"),
+                g("cpu_core") * 100.0,
+                g("switches_per_event"),
+                g("group_commits_per_s"),
+                g("syncs_per_s"),
+                g("p50_ms"),
+                g("p99_ms"),
+                g("rss_mib")
+            );
+        }
+        for s in data.all("steady_idle") {
+            let _ = writeln!(
+                md,
+                "| {} | idle | - | - | {:.2}% | {:.1}/s | - | - | - | - | {:.1} MiB |",
+                s["sinks"].as_str().unwrap_or("?"),
+                num(s, "cpu_core").unwrap_or(0.0) * 100.0,
+                num(s, "switches_per_s").unwrap_or(0.0),
+                num(s, "rss_mib").unwrap_or(0.0)
             );
         }
         let _ = writeln!(md);

@@ -60,7 +60,7 @@ fn main() {
             // The sinks drain what is left before the next rate starts.
             std::thread::sleep(Duration::from_secs(2));
         }
-        let idle = measure(&agent, metrics_addr, Duration::from_secs(idle_secs), || 0, || Vec::new());
+        let idle = measure(&agent, metrics_addr, Duration::from_secs(idle_secs), || 0);
         println!(
             "| {sinks} | idle | - | - | {:.2}% | {:.1}/s | {:.1}/s | {:.1}/s | - | - | - | {:.1} MiB |",
             idle.cpu_core * 100.0,
@@ -178,14 +178,8 @@ impl Phase {
     }
 }
 
-/// Snapshots the agent, runs `during` for `length`, snapshots again. `events` and `latencies` are read after.
-fn measure(
-    agent: &Agent,
-    metrics_addr: std::net::SocketAddr,
-    length: Duration,
-    events: impl FnOnce() -> u64,
-    latencies: impl FnOnce() -> Vec<u64>,
-) -> Phase {
+/// Snapshots the agent, waits `length`, snapshots again; `events` tells how many events that window saw.
+fn measure(agent: &Agent, metrics_addr: std::net::SocketAddr, length: Duration, events: impl FnOnce() -> u64) -> Phase {
     let before = snapshot(agent, metrics_addr);
     let started = Instant::now();
     std::thread::sleep(length);
@@ -205,7 +199,7 @@ fn measure(
         commits: after.commits.saturating_sub(before.commits),
         syncs: after.syncs.saturating_sub(before.syncs),
         rss_kib: rss_kib(agent),
-        latencies_us: latencies(),
+        latencies_us: Vec::new(),
     }
 }
 
@@ -226,16 +220,10 @@ fn run_phase(agent: &Agent, metrics_addr: std::net::SocketAddr, scripts: usize, 
     start.wait();
     std::thread::sleep(WARM_UP);
     window.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut phase = measure(
-        agent,
-        metrics_addr,
-        length,
-        || {
-            window.open.store(false, std::sync::atomic::Ordering::SeqCst);
-            window.acked.load(std::sync::atomic::Ordering::SeqCst)
-        },
-        || Vec::new(),
-    );
+    let mut phase = measure(agent, metrics_addr, length, || {
+        window.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        window.acked.load(std::sync::atomic::Ordering::SeqCst)
+    });
     let mut latencies = Vec::new();
     let mut errors = 0;
     for thread in threads {

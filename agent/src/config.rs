@@ -74,6 +74,8 @@ pub struct WalConfig {
     pub durability: DurabilityMode,
     /// With `durability = "interval"`: how often the WAL is flushed.
     pub flush_interval_ms: u64,
+    /// With `durability = "fsync"`: how long a small group commit waits for more events before its sync.
+    pub commit_delay_us: u64,
     /// Disk the WAL directory may use; beyond it clients get `wal_full`.
     pub max_bytes: u64,
     /// sled's cache.
@@ -241,6 +243,7 @@ impl Default for WalConfig {
             dir: PathBuf::from("./data/wal"),
             durability: DurabilityMode::Fsync,
             flush_interval_ms: 10,
+            commit_delay_us: 2000,
             max_bytes: 4 << 30,
             cache_bytes: 16 << 20,
             retain_secs: 3600,

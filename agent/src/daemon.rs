@@ -331,6 +331,7 @@ pub(crate) fn wal_options(config: &Config) -> WalOptions {
         // salvage` restarts there too at least, as it cannot tell how far a damaged last chunk reached.
         first_seq: u64::try_from(now_us()).unwrap_or(1),
         retain: Duration::from_secs(config.wal.retain_secs),
+        commit_delay: Duration::from_micros(config.wal.commit_delay_us),
     }
 }
 

@@ -80,6 +80,10 @@ impl Wal {
 /// Bounds on one group commit: enough to amortise a flush, small enough to keep latency and memory low.
 const MAX_GROUP_RECORDS: usize = 8192;
 const MAX_GROUP_BYTES: usize = 8 << 20;
+/// Groups smaller than this wait `WalOptions::commit_delay` for more before they are written.
+const GATHER_BELOW: usize = 64;
+/// See `Writer::measure_disk`.
+const MEASURE_DISK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Records are packed into sled values of about this size (see `MAX_RECORD_BYTES` for the upper bound).
 const CHUNK_TARGET_BYTES: usize = 4 * 1024;
 /// See `WalOptions::max_bytes`.
@@ -101,6 +105,9 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     durability: Durability,
     max_bytes: u64,
+    commit_delay: std::time::Duration,
+    /// When `disk_bytes` was last read off the directory.
+    disk_measured: std::time::Instant,
     next_seq: u64,
     /// Seqs below this are covered by a durable lease (interval mode only).
     leased_until: u64,
@@ -108,6 +115,39 @@ pub(crate) struct Writer {
 }
 
 type Waiter = oneshot::Sender<Result<u64, WalError>>;
+
+/// A group commit in the making: the requests taken from the queue.
+#[derive(Default)]
+struct Group {
+    payloads: Vec<Vec<u8>>,
+    waiters: Vec<Waiter>,
+    bytes: usize,
+}
+
+impl Group {
+    fn full(&self) -> bool {
+        self.payloads.len() >= MAX_GROUP_RECORDS || self.bytes >= MAX_GROUP_BYTES
+    }
+
+    /// Adds `first` and whatever else is queued, up to the bounds. True if a close request came.
+    fn gather(&mut self, first: Request, rx: &mut mpsc::Receiver<Request>) -> bool {
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                Request::Append { payload, reply } => {
+                    self.bytes += payload.len();
+                    self.waiters.push(reply);
+                    self.payloads.push(payload);
+                }
+                Request::Close => return true,
+            }
+            if !self.full() {
+                next = rx.try_recv().ok();
+            }
+        }
+        false
+    }
+}
 
 impl Writer {
     pub fn new(
@@ -126,6 +166,8 @@ impl Writer {
             shared,
             durability: options.durability,
             max_bytes: options.max_bytes,
+            commit_delay: options.commit_delay,
+            disk_measured: std::time::Instant::now(),
             next_seq,
             leased_until: next_seq,
             rx,
@@ -133,36 +175,43 @@ impl Writer {
     }
 
     pub fn run(mut self) {
-        let mut payloads: Vec<Vec<u8>> = Vec::new();
-        let mut waiters: Vec<Waiter> = Vec::new();
+        let mut group = Group::default();
         while let Some(first) = self.rx.blocking_recv() {
-            let mut closing = false;
-            let mut bytes = 0;
-            let mut next = Some(first);
-            while let Some(request) = next.take() {
-                match request {
-                    Request::Append { payload, reply } => {
-                        bytes += payload.len();
-                        waiters.push(reply);
-                        payloads.push(payload);
-                    }
-                    Request::Close => {
-                        closing = true;
-                        break;
-                    }
-                }
-                if payloads.len() < MAX_GROUP_RECORDS && bytes < MAX_GROUP_BYTES {
-                    next = self.rx.try_recv().ok();
+            let mut closing = group.gather(first, &mut self.rx);
+            // A small group at a low rate: wait briefly for more, so that one flush and sync serves them all.
+            // (At high rates the previous commit's sync was the wait: the group is large already.)
+            if !closing && self.gathers() && group.payloads.len() < GATHER_BELOW && !group.full() {
+                std::thread::sleep(self.commit_delay);
+                if let Ok(next) = self.rx.try_recv() {
+                    closing = group.gather(next, &mut self.rx);
                 }
             }
-            if !payloads.is_empty() {
-                self.commit(&mut payloads, &mut waiters);
+            if !group.payloads.is_empty() {
+                self.commit(&mut group.payloads, &mut group.waiters);
             }
+            group.bytes = 0;
             if closing {
                 break;
             }
         }
         self.shared.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps `disk_bytes` current for the cap after a commit of `written` bytes: walking the directory costs as
+    /// much as a small group's sync, so it is done at most every `MEASURE_DISK_EVERY`, and in between the
+    /// bytes written are added (an overestimate: sled also reuses freed space), which errs towards the cap.
+    fn measure_disk(&mut self, written: u64) {
+        if self.disk_measured.elapsed() >= MEASURE_DISK_EVERY {
+            self.shared.refresh_disk_bytes();
+            self.disk_measured = std::time::Instant::now();
+        } else {
+            self.shared.disk_bytes.fetch_add(written, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether small groups wait for more: only where each group costs a sync.
+    fn gathers(&self) -> bool {
+        self.durability == Durability::Fsync && !self.commit_delay.is_zero()
     }
 
     /// Writes the group, makes it durable (fsync mode) and answers every waiter.
@@ -259,7 +308,7 @@ impl Writer {
                 self.shared.flush_and_sync(&self.db)?;
                 self.shared.mark.record(last_seq);
                 self.shared.durable_seq.send_replace(last_seq);
-                self.shared.refresh_disk_bytes();
+                self.measure_disk(chunk_bytes_total);
             }
             Durability::Interval { .. } => {
                 self.shared.appended_seq.store(last_seq, Ordering::Release);

@@ -43,6 +43,10 @@ pub struct WalOptions {
     /// [`PRESSURE_RECORDS_DIVISOR`]: crate::PRESSURE_RECORDS_DIVISOR
     /// [`PRESSURE_DISK_PERCENT`]: crate::PRESSURE_DISK_PERCENT
     pub retain: std::time::Duration,
+    /// How long the writer waits for more appends when a group commit would hold only a few records (fewer
+    /// than 64): at low rates one flush and sync then serves several appends, at the cost of this much
+    /// latency. Zero writes every group at once.
+    pub commit_delay: std::time::Duration,
 }
 
 impl Default for WalOptions {
@@ -54,6 +58,7 @@ impl Default for WalOptions {
             gating_cursors: Vec::new(),
             first_seq: 1,
             retain: std::time::Duration::ZERO,
+            commit_delay: std::time::Duration::ZERO,
         }
     }
 }

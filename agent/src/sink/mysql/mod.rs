@@ -254,8 +254,20 @@ impl Forwarder {
                     None => std::future::pending().await,
                 }
             };
+            // While a batch lingers, a new group commit is read only once it could fill the batch: reading each
+            // one as it comes would cost a WAL read (a blocking-pool hop) per group at ordinary rates.
+            let room = settings.max_batch_rows - batch.len();
+            let enough = async {
+                while durable.changed().await.is_ok() {
+                    // Seqs are consecutive within a WAL (a gap only after a crash), so this is the records' count.
+                    if batch.is_empty() || durable.borrow().saturating_sub(last) >= room as u64 {
+                        return;
+                    }
+                }
+                std::future::pending().await
+            };
             tokio::select! {
-                _ = durable.changed() => {}
+                () = enough => {}
                 _ = reloaded.changed() => {}
                 () = linger => return Ok(batch),
                 _ = self.shutdown.changed() => return Err(Stopped),
