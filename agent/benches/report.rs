@@ -188,7 +188,7 @@ fn render(data: &Data, plotted: bool) -> String {
     let _ = writeln!(md, "## How this was produced\n");
     let _ = writeln!(
         md,
-        "```sh\nscripts/bench.sh                  # full run (about 10-12 min here)\nBENCH_QUICK=1 scripts/bench.sh    # smoke test (about 4-5 min)\n```\n"
+        "```sh\nscripts/bench.sh                  # full run (about 20 min here)\nBENCH_QUICK=1 scripts/bench.sh    # smoke test (about 4-5 min)\n```\n"
     );
     let _ = writeln!(
         md,
@@ -447,7 +447,11 @@ fn steady_rows(data: &Data, rows: &mut Vec<Row>) {
                 target: format!(
                     "≤ 0.2x: {}{}",
                     verdict(cpu <= before / 5.0),
-                    if rate == 5000.0 { format!("; ≤ 1 switch per event: {}", verdict(switches <= 1.0)) } else { String::new() }
+                    if rate == 5000.0 {
+                        format!("; ≤ 1 switch per event: {}", verdict(switches <= 1.0))
+                    } else {
+                        String::new()
+                    }
                 ),
             });
         }
