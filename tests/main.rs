@@ -6,6 +6,7 @@
 mod kit;
 
 mod access;
+mod bulk;
 mod chaos;
 mod hostile;
 mod mysql;

@@ -540,6 +540,8 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
     const LOCK_WAIT: Duration = Duration::from_secs(10);
     let identity =
         || telemetry_agent::identity::Identity::new("test-agent".into(), vec![(1, "0123456789abcdef".into())]);
+    // The INSERT path's id reservation is what this is about.
+    let insert_only = || telemetry_agent::sink::mysql::WritePath::new(telemetry_agent::sink::mysql::Bulk::Insert);
     let db = TestDb::migrated();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let config = telemetry_agent::config::MysqlConfig { url: db.url(), write_timeout_ms: 20_000, ..Default::default() };
@@ -563,7 +565,9 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
         let mut holder = hold_row(&pool, "a-held").await;
         let b_write = tokio::spawn({
             let pool = pool.clone();
-            async move { telemetry_agent::sink::mysql::write_rows(&pool, &identity(), &b, LOCK_WAIT, || 10).await }
+            async move {
+                telemetry_agent::sink::mysql::write_rows(&pool, &identity(), &b, LOCK_WAIT, &insert_only(), || 10).await
+            }
         });
         // B is waiting on the held lock (its ids reserved) once its INSERT runs and does not finish.
         let mut probe = pool.get_conn().await.unwrap();
@@ -586,7 +590,9 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!b_write.is_finished(), "batch B did not wait on the held lock");
         let c_written =
-            telemetry_agent::sink::mysql::write_rows(&pool, &identity(), &c, LOCK_WAIT, || 20).await.unwrap();
+            telemetry_agent::sink::mysql::write_rows(&pool, &identity(), &c, LOCK_WAIT, &insert_only(), || 20)
+                .await
+                .unwrap();
         assert_eq!(c_written.inserted, 10);
         holder.query_drop("ROLLBACK").await.unwrap();
         let b_written = b_write.await.unwrap().expect("batch B commits");

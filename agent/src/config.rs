@@ -144,6 +144,9 @@ pub struct MysqlConfig {
     pub tls: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<PathBuf>,
+    /// How batches are sent: LOAD DATA LOCAL INFILE while the server takes it (`auto`), INSERT only, or
+    /// LOAD DATA only.
+    pub bulk: crate::sink::mysql::Bulk,
 }
 
 impl Default for MysqlConfig {
@@ -153,7 +156,7 @@ impl Default for MysqlConfig {
             password_file: None,
             pool_size: 4,
             parallel_batches: 3,
-            max_batch_rows: 1000,
+            max_batch_rows: 10_000,
             max_batch_bytes: 4 << 20,
             max_linger_ms: 100,
             retry_initial_ms: 100,
@@ -161,6 +164,7 @@ impl Default for MysqlConfig {
             write_timeout_ms: 30_000,
             tls: false,
             tls_ca_file: None,
+            bulk: crate::sink::mysql::Bulk::Auto,
         }
     }
 }

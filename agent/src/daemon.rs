@@ -106,6 +106,7 @@ async fn serve_wal(
             let forwarder = Forwarder::new(
                 wal.clone(),
                 pool.clone(),
+                mysql_sink::WritePath::new(mysql.bulk),
                 identity.clone(),
                 forward_settings.subscribe(),
                 mysql.parallel_batches,
@@ -144,6 +145,7 @@ async fn serve_wal(
         identity: identity.clone(),
         sinks: config.enabled_sinks(),
         mysql: pool.clone(),
+        bulk: config.mysql.as_ref().map(|mysql| mysql.bulk).unwrap_or_default(),
         redis: resync,
         spool: config.spool.dir.clone(),
         running: true,

@@ -93,5 +93,15 @@ fn direct_context(
     let identity = Arc::new(Identity::load(&wal, agent_id)?);
     let mysql = config.mysql.as_ref().map(mysql_sink::pool).transpose()?;
     let spool = config.spool.dir.clone();
-    Ok(commands::Context { wal, identity, sinks: config.enabled_sinks(), mysql, redis: None, spool, running: false })
+    let bulk = config.mysql.as_ref().map(|mysql| mysql.bulk).unwrap_or_default();
+    Ok(commands::Context {
+        wal,
+        identity,
+        sinks: config.enabled_sinks(),
+        mysql,
+        bulk,
+        redis: None,
+        spool,
+        running: false,
+    })
 }

@@ -138,6 +138,8 @@ pub struct Context {
     pub identity: std::sync::Arc<Identity>,
     pub sinks: Vec<Sink>,
     pub mysql: Option<mysql_async::Pool>,
+    /// `[mysql] bulk`
+    pub bulk: crate::sink::mysql::Bulk,
     /// The running agent's Redis mirror.
     pub redis: Option<crate::sink::redis::Resync>,
     /// `[spool] dir`
@@ -476,6 +478,7 @@ async fn replay(
         }
     }
     let Some(pool) = &context.mysql else { bail!("the config has no [mysql] section") };
+    let path = mysql_sink::WritePath::new(context.bulk);
     let stats = context.wal.stats()?;
     let first = stats.first_seq.unwrap_or(stats.last_seq + 1);
     let (from, to) = (from.unwrap_or(first).max(first), to.unwrap_or(stats.last_seq).min(stats.last_seq));
@@ -499,8 +502,14 @@ async fn replay(
         done += rows.len() as u64;
         // Offset 0: the offset row keeps its value (GREATEST); replay is beside forwarding, not part of it.
         let again = rows.first().map_or(last, |r| r.0.seq);
-        let write =
-            mysql_sink::write_rows(pool, &context.identity, &rows, mysql_sink::lock_wait(REPLAY_WRITE_TIMEOUT), || 0);
+        let write = mysql_sink::write_rows(
+            pool,
+            &context.identity,
+            &rows,
+            mysql_sink::lock_wait(REPLAY_WRITE_TIMEOUT),
+            &path,
+            || 0,
+        );
         let written = tokio::time::timeout(REPLAY_WRITE_TIMEOUT, write)
             .await
             .map_err(|_| anyhow::anyhow!("MySQL did not answer within {} s", REPLAY_WRITE_TIMEOUT.as_secs()))

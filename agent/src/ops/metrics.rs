@@ -29,6 +29,11 @@ pub struct Code {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabel {
     pub sink: &'static str,
 }
@@ -58,6 +63,10 @@ pub struct Metrics {
     pub sink_retries: Family<SinkLabel, Counter>,
     pub sink_outage_seconds: Family<SinkLabel, Counter<f64, AtomicU64>>,
     pub mysql_connections: Gauge,
+    /// 1 for the path rows take to MySQL now (`load_data` or `insert`), 0 for the other.
+    pub mysql_write_path: Family<PathLabel, Gauge>,
+    /// Batches that LOAD DATA could not take whole (duplicates, conversions) and INSERT wrote.
+    pub mysql_load_data_fallbacks: Counter,
     pub mysql_connections_in_use: Gauge,
     pub redis_pending_keys: Gauge,
     pub spool_files_pending: Gauge,
@@ -75,6 +84,8 @@ pub struct Metrics {
 struct SinkHealth {
     waiting_since: Option<(Instant, u64)>,
     last_error: Option<(String, u64)>,
+    /// How rows are written, and why, if not the configured way.
+    path: Option<String>,
 }
 
 /// One sink as `status` shows it.
@@ -92,6 +103,9 @@ pub struct SinkStatus {
     pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error_at_ms: Option<u64>,
+    /// MySQL: `load_data` or `insert`, with why when the server refused LOAD DATA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 fn histogram_rows() -> Histogram {
@@ -128,6 +142,8 @@ impl Metrics {
             sink_outage_seconds: Family::default(),
             mysql_connections: Gauge::default(),
             mysql_connections_in_use: Gauge::default(),
+            mysql_write_path: Family::default(),
+            mysql_load_data_fallbacks: Counter::default(),
             redis_pending_keys: Gauge::default(),
             spool_files_pending: Gauge::default(),
             spool_files_drained: Counter::default(),
@@ -198,6 +214,16 @@ impl Metrics {
             format!("{p}_mysql_connections_in_use"),
             "Connections to MySQL in use",
             self.mysql_connections_in_use.clone(),
+        );
+        r.register(
+            format!("{p}_mysql_write_path"),
+            "1 for the way rows are sent to MySQL now (path=load_data or insert), 0 for the other",
+            self.mysql_write_path.clone(),
+        );
+        r.register(
+            format!("{p}_mysql_load_data_fallbacks"),
+            "Batches LOAD DATA could not take whole (duplicates, conversions), written with INSERT instead",
+            self.mysql_load_data_fallbacks.clone(),
         );
         r.register(
             format!("{p}_redis_pending_keys"),
@@ -282,6 +308,18 @@ impl Metrics {
         self.sink_commit_seconds.get_or_create(&SinkLabel { sink: sink.name() }).observe(took.as_secs_f64());
     }
 
+    /// The MySQL sink writes rows by `path` (`load_data` or `insert`); `why`, when not as configured.
+    pub fn mysql_path(&self, path: &'static str, why: Option<String>) {
+        for p in ["load_data", "insert"] {
+            self.mysql_write_path.get_or_create(&PathLabel { path: p }).set(i64::from(p == path));
+        }
+        let shown = match why {
+            Some(why) => format!("{path} ({why})"),
+            None => path.to_string(),
+        };
+        self.lock_health().entry(crate::sink::Sink::Mysql.name()).or_default().path = Some(shown);
+    }
+
     pub fn error(&self, code: &'static str) {
         self.errors.get_or_create(&Code { code }).inc();
     }
@@ -308,6 +346,7 @@ impl Metrics {
                     lag_seconds: self.sink_lag_seconds.get_or_create(&labels).get(),
                     last_error: health.last_error.as_ref().map(|(e, _)| e.clone()),
                     last_error_at_ms: health.last_error.as_ref().map(|(_, at)| *at),
+                    path: health.path.clone(),
                 }
             })
             .collect()

@@ -119,7 +119,11 @@ fn format_status(status: &Status) -> String {
             Some(since) => format!("RETRYING since {}", format_time_ms(Some(since))),
             None => "ok".to_string(),
         };
-        out += &format!("  {:<13} {state}, lag {} records / {:.1} s\n", sink.sink, sink.lag_records, sink.lag_seconds);
+        let path = sink.path.as_deref().map(|path| format!(", rows by {path}")).unwrap_or_default();
+        out += &format!(
+            "  {:<13} {state}, lag {} records / {:.1} s{path}\n",
+            sink.sink, sink.lag_records, sink.lag_seconds
+        );
         if let (Some(error), Some(at)) = (&sink.last_error, sink.last_error_at_ms) {
             out += &format!("                last error at {}: {error}\n", format_time_ms(Some(at)));
         }
@@ -199,6 +203,7 @@ mod tests {
                 lag_records: 400,
                 lag_seconds: 2.25,
                 last_error: Some("connection refused".into()),
+                path: Some("load_data".into()),
                 last_error_at_ms: Some(1_795_000_001_000),
             }],
             wal: wal_report(),
@@ -225,7 +230,7 @@ mod tests {
             "  events in     2500/s (9000000 since start)\n",
             "  accepting     NO: the WAL is full\n",
             "  errors        bad_json 2\n",
-            "  mysql         RETRYING since 2026-11-18T11:06:40.000000Z, lag 400 records / 2.2 s\n",
+            "  mysql         RETRYING since 2026-11-18T11:06:40.000000Z, lag 400 records / 2.2 s, rows by load_data\n",
             "                last error at 2026-11-18T11:06:41.000000Z: connection refused\n",
             "  spool         1 files pending, 2 drained (30 events), 4 lines and 5 files refused (/var/spool/telemetry-agent)\n",
             "WAL /var/lib/telemetry-agent/wal\n",

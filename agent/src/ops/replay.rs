@@ -41,7 +41,15 @@ pub async fn replay_wal_dir(config: &Config, dir: &Path, sink: Sink) -> anyhow::
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let settings = watch::channel(ForwardSettings::from(mysql)).1;
         let identity = Arc::new(Identity::load(&wal, agent_id.clone())?);
-        let forwarder = Forwarder::new(wal.clone(), pool, identity, settings, mysql.parallel_batches, stop_rx);
+        let forwarder = Forwarder::new(
+            wal.clone(),
+            pool,
+            mysql_sink::WritePath::new(mysql.bulk),
+            identity,
+            settings,
+            mysql.parallel_batches,
+            stop_rx,
+        );
         let totals = forwarder.totals();
         let task = tokio::spawn(forwarder.run());
         let start = stats.first_seq.unwrap_or(last).saturating_sub(1);

@@ -24,9 +24,11 @@ use crate::migrate::{self, SchemaState};
 use crate::ops::metrics::METRICS;
 use crate::sink::{blocking, pause, read_wal, Outage, Sink, Stopped};
 
+mod load;
 mod progress;
 mod sql;
 
+pub use load::{Bulk, WritePath};
 use progress::{Committed, Progress};
 pub use sql::{lock_wait, write_rows, Written};
 
@@ -55,6 +57,8 @@ pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
         .prefer_socket(false)
         .tcp_keepalive(Some(Duration::from_secs(30)))
         .stmt_cache_size(32)
+        // LOAD DATA LOCAL INFILE reads only the batch in memory (`load.rs`), never a file the server names.
+        .local_infile_handler(Some(load::infile_handler))
         .init(vec![
             "SET time_zone = '+00:00'".to_string(),
             "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'".to_string(),
@@ -116,6 +120,8 @@ pub struct Forwarder {
 struct Shared {
     wal: Wal,
     pool: Pool,
+    /// LOAD DATA or INSERT.
+    path: WritePath,
     identity: Arc<Identity>,
     /// Live: a config reload changes batch sizes, linger, retries and the write timeout.
     settings: watch::Receiver<ForwardSettings>,
@@ -146,14 +152,17 @@ impl Forwarder {
     pub fn new(
         wal: Wal,
         pool: Pool,
+        path: WritePath,
         identity: Arc<Identity>,
         settings: watch::Receiver<ForwardSettings>,
         parallel: usize,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        METRICS.mysql_path(path.in_use(), None);
         let shared = Shared {
             wal,
             pool,
+            path,
             identity,
             settings,
             outage: Mutex::new(Outage::new(SINK)),
@@ -473,8 +482,11 @@ impl Shared {
         let timeout = self.settings().write_timeout;
         let last = rows.last().map_or(0, |(r, _)| r.seq);
         let offset = || self.offset_for(batch_first, last);
-        match tokio::time::timeout(timeout, write_rows(&self.pool, &self.identity, rows, lock_wait(timeout), offset))
-            .await
+        match tokio::time::timeout(
+            timeout,
+            write_rows(&self.pool, &self.identity, rows, lock_wait(timeout), &self.path, offset),
+        )
+        .await
         {
             Ok(result) => result.map_err(classify),
             Err(_) => {

@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Pool, TxOpts, Value};
+use mysql_async::{Conn, Pool, TxOpts, Value};
 use telemetry_wal::Record;
 
+use super::load::{load_rows, Loaded, WritePath};
 use super::SINK;
 use crate::event::{Event, Side};
 use crate::identity::Identity;
@@ -24,6 +25,8 @@ pub struct Written {
     pub already_present: u64,
     /// The value written to `telemetry_offsets`.
     pub offset: u64,
+    /// Sent with LOAD DATA (else with INSERT).
+    pub loaded: bool,
 }
 
 /// How long a statement may wait for a row lock: well within the write timeout, or the retry of an abandoned
@@ -33,22 +36,45 @@ pub fn lock_wait(write_timeout: Duration) -> Duration {
     (write_timeout / 2).max(Duration::from_secs(1))
 }
 
-/// Writes rows and the offset in one transaction. Duplicates (by `event_id`) are no-ops.
+/// Writes rows and the offset in one transaction: with LOAD DATA when `path` says so and the server takes the
+/// batch whole (see `load.rs`), else with multi-row INSERTs. Duplicates (by `event_id`) are no-ops.
 /// `offset` gives the value for `telemetry_run_offsets`, asked for just before it is written.
 pub async fn write_rows(
     pool: &Pool,
     identity: &Identity,
     rows: &[(Record, Event)],
     lock_wait: Duration,
+    path: &WritePath,
     offset: impl Fn() -> u64,
 ) -> Result<Written, mysql_async::Error> {
     let mut conn = pool.get_conn().await?;
     // Whole seconds: MariaDB and MySQL both take an integer here.
     conn.query_drop(format!("SET SESSION innodb_lock_wait_timeout = {}", lock_wait.as_secs().max(1))).await?;
-    let mut tx = conn.start_transaction(TxOpts::default()).await?;
+    match load_rows(&mut conn, identity, rows, path, &offset).await? {
+        Loaded::Committed(written) => Ok(written),
+        Loaded::RolledBack | Loaded::Refused => insert_rows(&mut conn, identity, rows, offset).await,
+    }
+}
+
+/// A table's name, its columns in the order `push_params` gives values, and a batch's rows for it.
+pub(super) type TableRows<'a> = (&'static str, &'static [&'static str], Vec<&'a (Record, Event)>);
+
+/// A batch's rows by table: metrics, then trades.
+pub(super) fn by_table(rows: &[(Record, Event)]) -> [TableRows<'_>; 2] {
     let (metrics, trades): (Vec<_>, Vec<_>) = rows.iter().partition(|(_, event)| matches!(event, Event::Metric(_)));
+    [(METRICS_TABLE, METRIC_COLUMNS, metrics), (TRADES_TABLE, TRADE_COLUMNS, trades)]
+}
+
+/// The INSERT path: prepared multi-row INSERTs that skip duplicates, and the offset, in one transaction.
+async fn insert_rows(
+    conn: &mut Conn,
+    identity: &Identity,
+    rows: &[(Record, Event)],
+    offset: impl Fn() -> u64,
+) -> Result<Written, mysql_async::Error> {
+    let mut tx = conn.start_transaction(TxOpts::default()).await?;
     let mut inserted = 0;
-    for (table, columns, rows) in [(METRICS_TABLE, METRIC_COLUMNS, metrics), (TRADES_TABLE, TRADE_COLUMNS, trades)] {
+    for (table, columns, rows) in by_table(rows) {
         let mut table_inserted = 0;
         let mut rest = &rows[..];
         while !rest.is_empty() {
@@ -98,7 +124,7 @@ pub async fn write_rows(
     record_offset(&mut tx, identity, offset).await?;
     tx.commit().await?;
     let total = rows.len() as u64;
-    Ok(Written { inserted, already_present: total.saturating_sub(inserted), offset })
+    Ok(Written { inserted, already_present: total.saturating_sub(inserted), offset, loaded: false })
 }
 
 /// Never moves an offset back: transactions may commit out of order.
@@ -144,7 +170,7 @@ fn insert_sql(table: &str, columns: &[&str], rows: usize) -> String {
 }
 
 /// Appends one row's values, in the order of its table's columns.
-fn push_params(params: &mut Vec<Value>, event: &Event, identity: &Identity, seq: u64) {
+pub(super) fn push_params(params: &mut Vec<Value>, event: &Event, identity: &Identity, seq: u64) {
     match event {
         Event::Metric(m) => params.extend([
             identity.event_id(m.event_id.as_deref(), seq).into(),
