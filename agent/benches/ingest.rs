@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::{Mutex, Semaphore};
 
-use common::{peak_rss_kib, start_agent, Results};
+use common::{peak_rss_kib, percentile, start_agent, Results};
 
 /// Lines a pipelining client keeps in flight.
 const WINDOW: usize = 512;
@@ -143,13 +143,4 @@ async fn client(
     let _ = writer.await;
     latencies.lock().await.extend(local);
     acked
-}
-
-fn percentile(values: &[u64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    sorted[((sorted.len() - 1) as f64 * p) as usize] as f64
 }

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{process_cpu_seconds, rss_kib, setting, start_agent, Results};
+use common::{percentile, process_cpu_seconds, rss_kib, setting, start_agent, Results};
 use kit::agent::Agent;
 use kit::db::{mysql_section, TestDb};
 use kit::redis::TestRedis;
@@ -299,13 +299,4 @@ fn script(
         due += interval;
     }
     (latencies, errors)
-}
-
-fn percentile(values: &[u64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    sorted[((sorted.len() - 1) as f64 * p) as usize] as f64
 }

@@ -53,6 +53,16 @@ pub fn process_cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The `p` quantile (0..=1) of `values`, 0 for none.
+pub fn percentile(values: &[u64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    sorted[((sorted.len() - 1) as f64 * p) as usize] as f64
+}
+
 /// `BENCH_QUICK=1`: every bench shortens its default sizes and durations (a smoke test of the whole
 /// `scripts/bench.sh` in a few minutes). Explicit settings (BENCH_SECS, BENCH_ROWS, ...) still win.
 #[allow(dead_code)] // Not every bench binary uses every helper.
