@@ -29,8 +29,14 @@ const CONTROL_ROUNDS: u32 = 3;
 /// Bounds every wait on the child, so that a stuck writer fails the test instead of hanging it.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// As the agent runs it: small groups wait 2 ms for more (`[wal] commit_delay_us`).
 fn options(durability: Durability) -> WalOptions {
-    WalOptions { durability, gating_cursors: vec![SINK.into()], ..WalOptions::default() }
+    WalOptions {
+        durability,
+        gating_cursors: vec![SINK.into()],
+        commit_delay: Duration::from_millis(2),
+        ..WalOptions::default()
+    }
 }
 
 /// The child: 4 producers append and print `ack seq payload` for every ack, while a sink reads durable records,

@@ -265,7 +265,7 @@ impl Forwarder {
             };
             // While a batch lingers, a new group commit is read only once it could fill the batch: reading each
             // one as it comes would cost a WAL read (a blocking-pool hop) per group at ordinary rates.
-            let room = settings.max_batch_rows - batch.len();
+            let room = settings.max_batch_rows.saturating_sub(batch.len());
             let enough = async {
                 while durable.changed().await.is_ok() {
                     // Seqs are consecutive within a WAL (a gap only after a crash), so this is the records' count.
@@ -278,7 +278,8 @@ impl Forwarder {
             tokio::select! {
                 () = enough => {}
                 _ = reloaded.changed() => {}
-                () = linger => return Ok(batch),
+                // Lingered long enough: one more read takes what came meanwhile, then the batch goes.
+                () = linger => {}
                 _ = self.shutdown.changed() => return Err(Stopped),
             }
         }
