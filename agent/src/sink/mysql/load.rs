@@ -92,25 +92,18 @@ impl WritePath {
     }
 }
 
-/// What a load did.
-pub(super) enum Loaded {
-    Committed(Written),
-    /// Rolled back: the server skipped rows or warned. The batch must go through INSERT.
-    RolledBack,
-    /// The server refuses LOAD DATA (auto: the caller goes on with INSERT).
-    Refused,
-}
-
 /// Loads `rows` and the offset in one transaction on `conn`, if `path` says so and the server takes it whole.
+/// `None`: nothing was committed and the batch goes through INSERT (not tried, refused under `auto`, or rolled
+/// back because the server skipped rows or warned).
 pub(super) async fn load_rows(
     conn: &mut Conn,
     identity: &Identity,
     rows: &[(Record, Event)],
     path: &WritePath,
     offset: &impl Fn() -> u64,
-) -> Result<Loaded, mysql_async::Error> {
+) -> Result<Option<Written>, mysql_async::Error> {
     if !path.tries_load_data() {
-        return Ok(Loaded::Refused);
+        return Ok(None);
     }
     let mut tx = conn.start_transaction(TxOpts::default()).await?;
     for (table, columns, rows) in by_table(rows) {
@@ -129,7 +122,7 @@ pub(super) async fn load_rows(
             if is_refusal(&e) {
                 tx.rollback().await?;
                 path.refused(e)?;
-                return Ok(Loaded::Refused);
+                return Ok(None);
             }
             return Err(e);
         }
@@ -145,13 +138,13 @@ pub(super) async fn load_rows(
             );
             tx.rollback().await?;
             METRICS.mysql_load_data_fallbacks.inc();
-            return Ok(Loaded::RolledBack);
+            return Ok(None);
         }
     }
     let offset = offset();
     record_offset(&mut tx, identity, offset).await?;
     tx.commit().await?;
-    Ok(Loaded::Committed(Written { inserted: rows.len() as u64, already_present: 0, offset, loaded: true }))
+    Ok(Some(Written { inserted: rows.len() as u64, already_present: 0, offset, loaded: true }))
 }
 
 /// The server (or a proxy before it) does not take LOCAL INFILE.

@@ -9,7 +9,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Pool, TxOpts, Value};
 use telemetry_wal::Record;
 
-use super::load::{load_rows, Loaded, WritePath};
+use super::load::{load_rows, WritePath};
 use super::SINK;
 use crate::event::{Event, Side};
 use crate::identity::Identity;
@@ -51,8 +51,8 @@ pub async fn write_rows(
     // Whole seconds: MariaDB and MySQL both take an integer here.
     conn.query_drop(format!("SET SESSION innodb_lock_wait_timeout = {}", lock_wait.as_secs().max(1))).await?;
     match load_rows(&mut conn, identity, rows, path, &offset).await? {
-        Loaded::Committed(written) => Ok(written),
-        Loaded::RolledBack | Loaded::Refused => insert_rows(&mut conn, identity, rows, offset).await,
+        Some(written) => Ok(written),
+        None => insert_rows(&mut conn, identity, rows, offset).await,
     }
 }
 
