@@ -199,13 +199,14 @@ impl Writer {
 
     /// Keeps `disk_bytes` current for the cap after a commit of `written` bytes: walking the directory costs as
     /// much as a small group's sync, so it is done at most every `MEASURE_DISK_EVERY`, and in between the
-    /// bytes written are added (an overestimate: sled also reuses freed space), which errs towards the cap.
+    /// bytes written are added (an overestimate: sled also reuses freed space). Within 1/8 of the cap it is
+    /// walked after every commit, so that the cap is decided on the real figure, as it always was.
     fn measure_disk(&mut self, written: u64) {
-        if self.disk_measured.elapsed() >= MEASURE_DISK_EVERY {
+        let estimate = self.shared.disk_bytes.fetch_add(written, Ordering::Relaxed) + written;
+        let near_cap = estimate >= self.max_bytes - self.max_bytes / 8;
+        if near_cap || self.disk_measured.elapsed() >= MEASURE_DISK_EVERY {
             self.shared.refresh_disk_bytes();
             self.disk_measured = std::time::Instant::now();
-        } else {
-            self.shared.disk_bytes.fetch_add(written, Ordering::Relaxed);
         }
     }
 
