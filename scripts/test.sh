@@ -20,6 +20,19 @@ cargo deb --version >/dev/null 2>&1 || need cargo-deb cargo install cargo-deb --
 # shellcheck source=scripts/pyvenv.sh
 source scripts/pyvenv.sh
 ensure_pyvenv test
+# The Galera tests' cluster: 3 nodes on loopback ports from a temp directory (scripts/galera.sh), stopped
+# when the tests end. One that is already set (TELEMETRY_TEST_GALERA_URLS) is used as it is.
+if [ -z "${TELEMETRY_TEST_GALERA_URLS:-}" ]; then
+    if bash scripts/galera.sh start; then
+        trap 'bash scripts/galera.sh stop' EXIT
+        TELEMETRY_TEST_GALERA_URLS="$(bash scripts/galera.sh urls)"
+        export TELEMETRY_TEST_GALERA_URLS
+    elif [ "${CI:-}" = true ]; then
+        echo "test: the Galera cluster did not start, and CI needs it" >&2; exit 1
+    else
+        echo "test: no Galera cluster; its tests say SKIPPED" >&2
+    fi
+fi
 echo "test: MySQL at ${TELEMETRY_TEST_MYSQL_URL//:*@/:****@}, Redis at $TELEMETRY_TEST_REDIS_URL" >&2
 cargo test --workspace --features telemetry-wal/failpoints "$@"
 # The client's tests run the release agent, as scripts meet it.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use telemetry_agent::event::{Event, Metric, Side, Trade};
 use telemetry_agent::identity::Identity;
-use telemetry_agent::sink::mysql::{pool, write_rows, Bulk, WritePath, Written};
+use telemetry_agent::sink::mysql::{write_rows, Bulk, Nodes, WritePath, Written};
 use telemetry_wal::Record;
 
 use crate::kit::agent::Agent;
@@ -31,7 +31,7 @@ fn write(db: &TestDb, bulk: Bulk, first_seq: u64, events: &[Event]) -> Result<Wr
     let config = telemetry_agent::config::MysqlConfig { url: db.url(), ..Default::default() };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let pool = pool(&config).unwrap();
+        let pool = Nodes::new(&config).unwrap().lease().pool;
         let written = write_rows(&pool, &identity(), &rows, LOCK_WAIT, &WritePath::new(bulk), || 0).await;
         pool.disconnect().await.unwrap();
         written

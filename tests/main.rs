@@ -8,6 +8,7 @@ mod kit;
 mod access;
 mod bulk;
 mod chaos;
+mod galera;
 mod hostile;
 mod mysql;
 mod ops;

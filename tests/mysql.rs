@@ -545,7 +545,7 @@ fn a_duplicate_holding_a_later_id_does_not_drop_the_rows_after_it() {
     let db = TestDb::migrated();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let config = telemetry_agent::config::MysqlConfig { url: db.url(), write_timeout_ms: 20_000, ..Default::default() };
-    let pool = telemetry_agent::sink::mysql::pool(&config).unwrap();
+    let pool = telemetry_agent::sink::mysql::Nodes::new(&config).unwrap().lease().pool;
     let batch = |first_seq: u64, ids: &[&str]| -> Vec<(Record, Event)> {
         ids.iter()
             .enumerate()

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{mask_url, Config};
+use crate::config::Config;
 use crate::daemon;
 use crate::ops::client;
 use crate::ops::commands::{self, DeadLetterAction, DumpFilter, Request};
@@ -222,13 +222,14 @@ async fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     init_logging(&config);
     let Some(mysql) = &config.mysql else { bail!("the config has no [mysql] section: nothing to migrate") };
-    let pool = mysql_sink::pool(mysql)?;
+    let nodes = mysql_sink::Nodes::new(mysql)?;
     let result = async {
-        let mut conn = pool.get_conn().await.with_context(|| format!("cannot connect to {}", mask_url(&mysql.url)))?;
+        let pool = nodes.usable().await?;
+        let mut conn = pool.get_conn().await.with_context(|| format!("cannot connect to {}", nodes.current()))?;
         crate::migrate::migrate(&mut conn).await
     }
     .await;
-    let _ = pool.disconnect().await;
+    nodes.disconnect().await;
     let applied = result?;
     if applied.is_empty() {
         println!("schema is up to date");

@@ -121,6 +121,12 @@ impl Default for ControlConfig {
 pub struct MysqlConfig {
     /// `mysql://user[:password]@host:3306/database`
     pub url: String,
+    /// Instead of `url`: the nodes of a Galera cluster. The agent writes through one at a time and moves to
+    /// the next usable one when its node fails.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// Galera: also move away from a node that is a state-transfer donor or desynced (it may stall writes).
+    pub avoid_desynced: bool,
     /// A file holding the password (first line), readable only by the agent; overrides the URL's password.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
@@ -149,10 +155,23 @@ pub struct MysqlConfig {
     pub bulk: crate::sink::mysql::Bulk,
 }
 
+impl MysqlConfig {
+    /// The servers to write to, in the order they are tried: `url`, or `urls`.
+    pub fn node_urls(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
+}
+
 impl Default for MysqlConfig {
     fn default() -> Self {
         MysqlConfig {
             url: String::new(),
+            urls: Vec::new(),
+            avoid_desynced: true,
             password_file: None,
             pool_size: 4,
             parallel_batches: 3,
@@ -347,13 +366,19 @@ impl Config {
             bail!("[spool] max_file_bytes must be at least 1 MiB (1048576), not {}", self.spool.max_file_bytes);
         }
         if let Some(mysql) = &self.mysql {
-            if mysql.url.is_empty() {
-                bail!("[mysql] url is required when the [mysql] section is present");
+            match (mysql.url.is_empty(), mysql.urls.is_empty()) {
+                (true, true) => {
+                    bail!("[mysql] url (or urls, for a cluster) is required when the [mysql] section is present")
+                }
+                (false, false) => bail!("[mysql] takes url or urls, not both"),
+                _ => {}
             }
-            let url = url::Url::parse(&mysql.url)
-                .map_err(|e| anyhow::anyhow!("[mysql] url `{}` is not a URL: {e}", mask_url(&mysql.url)))?;
-            if url.scheme() != "mysql" {
-                bail!("[mysql] url must start with mysql://");
+            for node in mysql.node_urls() {
+                let url = url::Url::parse(node)
+                    .map_err(|e| anyhow::anyhow!("[mysql] url `{}` is not a URL: {e}", mask_url(node)))?;
+                if url.scheme() != "mysql" {
+                    bail!("[mysql] url `{}` must start with mysql://", mask_url(node));
+                }
             }
             if !(1..=64).contains(&mysql.pool_size) {
                 bail!("[mysql] pool_size must be between 1 and 64, not {}", mysql.pool_size);
@@ -434,6 +459,7 @@ impl Config {
         let mut shown = self.clone();
         if let Some(mysql) = &mut shown.mysql {
             mysql.url = mask_url(&mysql.url);
+            mysql.urls = mysql.urls.iter().map(|url| mask_url(url)).collect();
         }
         if let Some(redis) = &mut shown.redis {
             redis.url = mask_url(&redis.url);

@@ -96,16 +96,16 @@ async fn serve_wal(
         false => None,
     };
     let http_addr = http.as_ref().and_then(|listener| listener.local_addr().ok());
-    let pool = config.mysql.as_ref().map(mysql_sink::pool).transpose()?;
+    let nodes = config.mysql.as_ref().map(|mysql| mysql_sink::Nodes::new(mysql).map(Arc::new)).transpose()?;
     // Live settings: a config reload sends new values here.
     let forward_settings = watch::Sender::new(ForwardSettings::from(&config.mysql.clone().unwrap_or_default()));
     let redis_settings = watch::Sender::new(config.redis.clone().unwrap_or_default());
-    let forwarder = match (&config.mysql, &pool) {
-        (Some(mysql), Some(pool)) => {
+    let forwarder = match (&config.mysql, &nodes) {
+        (Some(mysql), Some(nodes)) => {
             METRICS.sink_enabled(mysql_sink::SINK);
             let forwarder = Forwarder::new(
                 wal.clone(),
-                pool.clone(),
+                nodes.clone(),
                 mysql_sink::WritePath::new(mysql.bulk),
                 identity.clone(),
                 forward_settings.subscribe(),
@@ -144,7 +144,7 @@ async fn serve_wal(
         wal: wal.clone(),
         identity: identity.clone(),
         sinks: config.enabled_sinks(),
-        mysql: pool.clone(),
+        mysql: nodes.clone(),
         bulk: config.mysql.as_ref().map(|mysql| mysql.bulk).unwrap_or_default(),
         redis: resync,
         spool: config.spool.dir.clone(),
@@ -178,7 +178,7 @@ async fn serve_wal(
     let stop = async {
         tokio::select! {
             () = shutdown => {}
-            () = housekeeping(wal, &sinks, pool.as_ref()) => {}
+            () = housekeeping(wal, &sinks, nodes.as_deref()) => {}
         }
     };
     Listener::new(listener, context, ingest.max_connections).serve(stop).await;
@@ -215,7 +215,7 @@ fn raise_open_file_limit(max_connections: usize) {
 
 /// Every second: the housekeeping jobs below. Resolves when the WAL stopped after a write failure: the agent
 /// then exits non-zero so that its supervisor restarts it and sled's recovery establishes what is durable.
-async fn housekeeping(wal: &Wal, sinks: &[Sink], pool: Option<&mysql_async::Pool>) {
+async fn housekeeping(wal: &Wal, sinks: &[Sink], nodes: Option<&mysql_sink::Nodes>) {
     const EVERY: Duration = Duration::from_secs(1);
     let mut tick = tokio::time::interval(EVERY);
     let mut watchdog = Watchdog::from_env();
@@ -228,8 +228,8 @@ async fn housekeeping(wal: &Wal, sinks: &[Sink], pool: Option<&mysql_async::Pool
         }
         watchdog.ping();
         truncate_and_measure(wal, sinks).await;
-        if let Some(pool) = pool {
-            measure_pool(pool);
+        if let Some(nodes) = nodes {
+            measure_pool(&nodes.lease().pool);
         }
         METRICS.tick_outages(EVERY);
         rate.record(METRICS.events_received_total());

@@ -1,5 +1,10 @@
-//! Versioned schema migrations: the SQL files in `migrations/`, compiled in, applied in order under a
-//! named lock, each recorded with its checksum.
+//! Versioned schema migrations: the SQL files in `migrations/`, compiled in, applied in order under a lock,
+//! each recorded with its checksum.
+//!
+//! The lock is a row in `schema_migrations_lock`, not `GET_LOCK`: a named lock is local to one server, and
+//! on a Galera cluster two hosts migrating through different nodes would both hold it. A row is replicated
+//! and certified like any write, so of two hosts inserting it at once through different nodes one fails
+//! (duplicate key, or a certification conflict reported as a deadlock) and waits.
 
 use anyhow::{bail, Context};
 use mysql_async::prelude::Queryable;
@@ -16,8 +21,15 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: "0002_run_offsets", sql: include_str!("../../migrations/0002_run_offsets.sql") },
 ];
 
-const LOCK_NAME: &str = "telemetry_agent_migrate";
-const LOCK_WAIT_SECS: u32 = 60;
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// A lock older than this is taken over: its holder died (a migration's DDL takes far less).
+const LOCK_EXPIRES_MINUTES: u32 = 30;
+
+const CREATE_LOCK_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations_lock (
+    name       VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+    holder     VARCHAR(255) NOT NULL,
+    expires_at DATETIME(6) NOT NULL
+) ENGINE=InnoDB";
 
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version    VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
@@ -109,21 +121,57 @@ pub async fn state(conn: &mut mysql_async::Conn) -> Result<SchemaState, StateErr
 }
 
 /// Applies the pending migrations in order and returns their versions. Safe to run twice and from several
-/// hosts at once: a named lock serialises runs.
+/// hosts at once, through one server or different nodes of a cluster: the lock row serialises runs.
 pub async fn migrate(conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<&'static str>> {
-    let locked: Option<Option<i64>> = conn
-        .exec_first("SELECT GET_LOCK(?, ?)", (LOCK_NAME, LOCK_WAIT_SECS))
-        .await
-        .context("cannot take the migration lock")?;
-    if locked.flatten() != Some(1) {
-        bail!("another migration has held the lock `{LOCK_NAME}` for {LOCK_WAIT_SECS} s; try again later");
-    }
+    let holder = format!("{}:{}:{:016x}", hostname(), std::process::id(), fastrand::u64(..));
+    take_lock(conn, &holder).await?;
     let result = apply_pending(conn).await;
-    let released: Result<Option<Option<i64>>, _> = conn.exec_first("SELECT RELEASE_LOCK(?)", (LOCK_NAME,)).await;
+    let released =
+        conn.exec_drop("DELETE FROM schema_migrations_lock WHERE name = 'migrate' AND holder = ?", (&holder,)).await;
     if let Err(e) = released {
-        tracing::warn!(error = %e, "cannot release the migration lock; it goes with the connection");
+        tracing::warn!(error = %e, holder, "cannot release the migration lock; it expires in {LOCK_EXPIRES_MINUTES} minutes");
     }
     result
+}
+
+async fn take_lock(conn: &mut mysql_async::Conn, holder: &str) -> anyhow::Result<()> {
+    conn.query_drop(CREATE_LOCK_TABLE).await.context("cannot create schema_migrations_lock")?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        conn.query_drop("DELETE FROM schema_migrations_lock WHERE name = 'migrate' AND expires_at < UTC_TIMESTAMP(6)")
+            .await
+            .context("cannot clear an expired migration lock")?;
+        let taken = conn
+            .exec_drop(
+                "INSERT INTO schema_migrations_lock (name, holder, expires_at) \
+                 VALUES ('migrate', ?, UTC_TIMESTAMP(6) + INTERVAL ? MINUTE)",
+                (holder, LOCK_EXPIRES_MINUTES),
+            )
+            .await;
+        match taken {
+            Ok(()) => return Ok(()),
+            // Held by another run (duplicate key), or taken at the same moment through another node.
+            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1062 | 1213 | 1205) => {}
+            Err(e) => return Err(e).context("cannot take the migration lock"),
+        }
+        if std::time::Instant::now() >= deadline {
+            let held: Option<String> = conn
+                .query_first("SELECT holder FROM schema_migrations_lock WHERE name = 'migrate'")
+                .await
+                .unwrap_or(None);
+            bail!(
+                "another migration ({}) has held the lock for {} s; try again later, or, if that run died, \
+                 DELETE FROM schema_migrations_lock WHERE name = 'migrate'",
+                held.as_deref().unwrap_or("unknown"),
+                LOCK_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250 + fastrand::u64(..250))).await;
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|name| name.into_string().ok()).unwrap_or_else(|| "?".into())
 }
 
 async fn apply_pending(conn: &mut mysql_async::Conn) -> anyhow::Result<Vec<&'static str>> {

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod client;
 pub mod db;
+pub mod galera;
 pub mod proxy;
 pub mod redis;
 pub mod serial;

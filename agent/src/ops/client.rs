@@ -91,7 +91,7 @@ fn direct_context(
         None => config.agent_id()?,
     };
     let identity = Arc::new(Identity::load(&wal, agent_id)?);
-    let mysql = config.mysql.as_ref().map(mysql_sink::pool).transpose()?;
+    let mysql = config.mysql.as_ref().map(|mysql| mysql_sink::Nodes::new(mysql).map(Arc::new)).transpose()?;
     let spool = config.spool.dir.clone();
     let bulk = config.mysql.as_ref().map(|mysql| mysql.bulk).unwrap_or_default();
     Ok(commands::Context {

@@ -3,6 +3,7 @@
 //! Either way they produce the same [`Output`] stream, so the user sees the same thing.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
@@ -137,7 +138,7 @@ pub struct Context {
     pub wal: Wal,
     pub identity: std::sync::Arc<Identity>,
     pub sinks: Vec<Sink>,
-    pub mysql: Option<mysql_async::Pool>,
+    pub mysql: Option<Arc<crate::sink::mysql::Nodes>>,
     /// `[mysql] bulk`
     pub bulk: crate::sink::mysql::Bulk,
     /// The running agent's Redis mirror.
@@ -477,7 +478,7 @@ async fn replay(
             }]);
         }
     }
-    let Some(pool) = &context.mysql else { bail!("the config has no [mysql] section") };
+    let Some(nodes) = &context.mysql else { bail!("the config has no [mysql] section") };
     let path = mysql_sink::WritePath::new(context.bulk);
     let stats = context.wal.stats()?;
     let first = stats.first_seq.unwrap_or(stats.last_seq + 1);
@@ -502,19 +503,31 @@ async fn replay(
         done += rows.len() as u64;
         // Offset 0: the offset row keeps its value (GREATEST); replay is beside forwarding, not part of it.
         let again = rows.first().map_or(last, |r| r.0.seq);
-        let write = mysql_sink::write_rows(
-            pool,
-            &context.identity,
-            &rows,
-            mysql_sink::lock_wait(REPLAY_WRITE_TIMEOUT),
-            &path,
-            || 0,
-        );
-        let written = tokio::time::timeout(REPLAY_WRITE_TIMEOUT, write)
-            .await
-            .map_err(|_| anyhow::anyhow!("MySQL did not answer within {} s", REPLAY_WRITE_TIMEOUT.as_secs()))
-            .and_then(|result| result.map_err(anyhow::Error::from))
-            .with_context(|| format!("writing seqs up to {last} failed; run the replay again with --from {again}"))?;
+        let written = loop {
+            let lease = nodes.lease();
+            let write = mysql_sink::write_rows(
+                &lease.pool,
+                &context.identity,
+                &rows,
+                mysql_sink::lock_wait(REPLAY_WRITE_TIMEOUT),
+                &path,
+                || 0,
+            );
+            let result = tokio::time::timeout(REPLAY_WRITE_TIMEOUT, write)
+                .await
+                .map_err(|_| anyhow::anyhow!("MySQL did not answer within {} s", REPLAY_WRITE_TIMEOUT.as_secs()))
+                .and_then(|result| result.map_err(anyhow::Error::from));
+            match result {
+                Ok(written) => break written,
+                // A cluster: the same rows again through the next usable node (re-sent rows are no-ops).
+                Err(e) if nodes.fail_over(&lease, &format!("{e:#}")).await => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("writing seqs up to {last} failed; run the replay again with --from {again}")
+                    })
+                }
+            }
+        };
         inserted += written.inserted;
         present += written.already_present;
         if out.send(Output::Progress { done, total, what: "records replayed to MySQL".into() }).await.is_err() {

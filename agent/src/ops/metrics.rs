@@ -34,6 +34,11 @@ pub struct PathLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabel {
     pub sink: &'static str,
 }
@@ -68,6 +73,11 @@ pub struct Metrics {
     /// Batches that LOAD DATA could not take whole (duplicates, conversions) and INSERT wrote.
     pub mysql_load_data_fallbacks: Counter,
     pub mysql_connections_in_use: Gauge,
+    /// 1 for the node the sink writes through now, 0 for nodes it used before.
+    pub mysql_node: Family<NodeLabel, Gauge>,
+    pub mysql_node_switches: Counter,
+    /// Transactions retried after a deadlock, lock wait or Galera certification conflict.
+    pub mysql_conflicts: Counter,
     pub redis_pending_keys: Gauge,
     pub spool_files_pending: Gauge,
     pub spool_files_drained: Counter,
@@ -86,6 +96,8 @@ struct SinkHealth {
     last_error: Option<(String, u64)>,
     /// How rows are written, and why, if not the configured way.
     path: Option<String>,
+    /// The server written to (`host:port`).
+    node: Option<String>,
 }
 
 /// One sink as `status` shows it.
@@ -106,6 +118,9 @@ pub struct SinkStatus {
     /// MySQL: `load_data` or `insert`, with why when the server refused LOAD DATA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// MySQL: the server (`host:port`) written through now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn histogram_rows() -> Histogram {
@@ -142,6 +157,9 @@ impl Metrics {
             sink_outage_seconds: Family::default(),
             mysql_connections: Gauge::default(),
             mysql_connections_in_use: Gauge::default(),
+            mysql_node: Family::default(),
+            mysql_node_switches: Counter::default(),
+            mysql_conflicts: Counter::default(),
             mysql_write_path: Family::default(),
             mysql_load_data_fallbacks: Counter::default(),
             redis_pending_keys: Gauge::default(),
@@ -224,6 +242,21 @@ impl Metrics {
             format!("{p}_mysql_load_data_fallbacks"),
             "Batches LOAD DATA could not take whole (duplicates, conversions), written with INSERT instead",
             self.mysql_load_data_fallbacks.clone(),
+        );
+        r.register(
+            format!("{p}_mysql_node"),
+            "1 for the MySQL server (node=host:port) written through now, 0 for servers written through before",
+            self.mysql_node.clone(),
+        );
+        r.register(
+            format!("{p}_mysql_node_switches"),
+            "Moves to another node of the cluster after the node in use failed",
+            self.mysql_node_switches.clone(),
+        );
+        r.register(
+            format!("{p}_mysql_conflicts"),
+            "Transactions retried after a deadlock, lock wait or Galera certification conflict",
+            self.mysql_conflicts.clone(),
         );
         r.register(
             format!("{p}_redis_pending_keys"),
@@ -320,6 +353,27 @@ impl Metrics {
         self.lock_health().entry(crate::sink::Sink::Mysql.name()).or_default().path = Some(shown);
     }
 
+    /// The MySQL sink writes through `node` (`host:port`) now.
+    pub fn mysql_node(&self, node: String) {
+        let mut health = self.lock_health();
+        let entry = health.entry(crate::sink::Sink::Mysql.name()).or_default();
+        if let Some(before) = entry.node.take() {
+            self.mysql_node.get_or_create(&NodeLabel { node: before }).set(0);
+        }
+        self.mysql_node.get_or_create(&NodeLabel { node: node.clone() }).set(1);
+        entry.node = Some(node);
+    }
+
+    /// The node in use failed and the sink moved to `node`.
+    pub fn mysql_node_switched(&self, node: String) {
+        self.mysql_node_switches.inc();
+        self.mysql_node(node);
+    }
+
+    pub fn mysql_conflict(&self) {
+        self.mysql_conflicts.inc();
+    }
+
     pub fn error(&self, code: &'static str) {
         self.errors.get_or_create(&Code { code }).inc();
     }
@@ -347,6 +401,7 @@ impl Metrics {
                     last_error: health.last_error.as_ref().map(|(e, _)| e.clone()),
                     last_error_at_ms: health.last_error.as_ref().map(|(_, at)| *at),
                     path: health.path.clone(),
+                    node: health.node.clone(),
                 }
             })
             .collect()

@@ -120,8 +120,9 @@ fn format_status(status: &Status) -> String {
             None => "ok".to_string(),
         };
         let path = sink.path.as_deref().map(|path| format!(", rows by {path}")).unwrap_or_default();
+        let node = sink.node.as_deref().map(|node| format!(" to {node}")).unwrap_or_default();
         out += &format!(
-            "  {:<13} {state}, lag {} records / {:.1} s{path}\n",
+            "  {:<13} {state}, lag {} records / {:.1} s{path}{node}\n",
             sink.sink, sink.lag_records, sink.lag_seconds
         );
         if let (Some(error), Some(at)) = (&sink.last_error, sink.last_error_at_ms) {
@@ -204,6 +205,7 @@ mod tests {
                 lag_seconds: 2.25,
                 last_error: Some("connection refused".into()),
                 path: Some("load_data".into()),
+                node: Some("db1:3306".into()),
                 last_error_at_ms: Some(1_795_000_001_000),
             }],
             wal: wal_report(),
@@ -230,7 +232,7 @@ mod tests {
             "  events in     2500/s (9000000 since start)\n",
             "  accepting     NO: the WAL is full\n",
             "  errors        bad_json 2\n",
-            "  mysql         RETRYING since 2026-11-18T11:06:40.000000Z, lag 400 records / 2.2 s, rows by load_data\n",
+            "  mysql         RETRYING since 2026-11-18T11:06:40.000000Z, lag 400 records / 2.2 s, rows by load_data to db1:3306\n",
             "                last error at 2026-11-18T11:06:41.000000Z: connection refused\n",
             "  spool         1 files pending, 2 drained (30 events), 4 lines and 5 files refused (/var/spool/telemetry-agent)\n",
             "WAL /var/lib/telemetry-agent/wal\n",

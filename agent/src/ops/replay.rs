@@ -37,13 +37,13 @@ pub async fn replay_wal_dir(config: &Config, dir: &Path, sink: Sink) -> anyhow::
     wal.set_cursor(mysql_sink::SINK.name(), 0)?;
     let dead_letters_before = stats.dead_letters;
     let result = async {
-        let pool = mysql_sink::pool(mysql)?;
+        let nodes = Arc::new(mysql_sink::Nodes::new(mysql)?);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let settings = watch::channel(ForwardSettings::from(mysql)).1;
         let identity = Arc::new(Identity::load(&wal, agent_id.clone())?);
         let forwarder = Forwarder::new(
             wal.clone(),
-            pool,
+            nodes,
             mysql_sink::WritePath::new(mysql.bulk),
             identity,
             settings,

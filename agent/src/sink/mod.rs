@@ -166,9 +166,13 @@ impl Outage {
     /// How long to wait before the next try: `initial`, doubled per failure, at most `max`, and of that a
     /// random half to all, so that agents that failed together do not retry together.
     pub(crate) fn backoff(&self, initial: Duration, max: Duration) -> Duration {
-        let retries = self.current.as_ref().map_or(0, |c| c.retries).min(16);
-        initial.saturating_mul(1 << retries).min(max).mul_f64(0.5 + fastrand::f64() / 2.0)
+        backoff_delay(self.current.as_ref().map_or(0, |c| c.retries), initial, max)
     }
+}
+
+/// `initial` doubled `retries` times, at most `max`, and of that a random half to all.
+pub(crate) fn backoff_delay(retries: u32, initial: Duration, max: Duration) -> Duration {
+    initial.saturating_mul(1 << retries.min(16)).min(max).mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
 #[cfg(test)]

@@ -22,13 +22,15 @@ use crate::event::Event;
 use crate::identity::Identity;
 use crate::migrate::{self, SchemaState};
 use crate::ops::metrics::METRICS;
-use crate::sink::{blocking, pause, read_wal, Outage, Sink, Stopped};
+use crate::sink::{backoff_delay, blocking, pause, read_wal, Outage, Sink, Stopped};
 
 mod load;
+mod nodes;
 mod progress;
 mod sql;
 
 pub use load::{Bulk, WritePath};
+pub use nodes::{Lease, Nodes};
 use progress::{Committed, Progress};
 pub use sql::{lock_wait, write_rows, Written};
 
@@ -39,10 +41,13 @@ const EARLIER_RUNS_READ: usize = 100;
 /// How often to look again when the schema is behind.
 const SCHEMA_RECHECK: Duration = Duration::from_secs(10);
 
-/// Connection options from the config: a bounded, lazy pool that keeps prepared statements across uses.
-pub fn pool(config: &MysqlConfig) -> anyhow::Result<Pool> {
-    let opts =
-        Opts::from_url(&config.url).with_context(|| format!("[mysql] url {} is invalid", mask_url(&config.url)))?;
+/// How often the node in use is checked when there are several (a node can fall out of Synced without failing
+/// a write).
+const NODE_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Connection options for one server: a bounded, lazy pool that keeps prepared statements across uses.
+fn pool(config: &MysqlConfig, url: &str) -> anyhow::Result<Pool> {
+    let opts = Opts::from_url(url).with_context(|| format!("[mysql] url {} is invalid", mask_url(url)))?;
     let constraints = PoolConstraints::new(0, config.pool_size).context("[mysql] pool_size")?;
     let mut builder = OptsBuilder::from_opts(opts)
         // Keep idle connections (and their prepared statements) for a while: with mysql_async's default
@@ -101,8 +106,12 @@ impl From<&MysqlConfig> for ForwardSettings {
 
 /// Why a write failed, and so what to do next.
 enum WriteError {
-    /// Connection lost, server restarting, deadlock, lock wait, timeout: retry the same rows later.
+    /// Connection lost, server restarting, node not ready, timeout: retry the same rows later, through another
+    /// node if there is a usable one.
     Transient(String),
+    /// Deadlock or lock wait; on Galera, a certification conflict or a brute-force abort at COMMIT. The node is
+    /// fine: retry the same rows there after a backoff.
+    Conflict(String),
     /// MySQL refuses the data itself: split the batch to find the record(s), dead-letter them.
     Data(String),
     /// The statement is too large for the server: split the batch.
@@ -119,7 +128,7 @@ pub struct Forwarder {
 /// What the dispatcher and the batch tasks share.
 struct Shared {
     wal: Wal,
-    pool: Pool,
+    nodes: Arc<Nodes>,
     /// LOAD DATA or INSERT.
     path: WritePath,
     identity: Arc<Identity>,
@@ -142,8 +151,8 @@ pub struct Totals {
 
 /// Why forwarding cannot start yet.
 enum StartError {
-    /// Retry with backoff; an outage.
-    Unreachable(String),
+    /// Retry with backoff, or through another node; an outage.
+    Unreachable(String, Lease),
     /// The operator must act; checked again periodically.
     Schema(String),
 }
@@ -151,7 +160,7 @@ enum StartError {
 impl Forwarder {
     pub fn new(
         wal: Wal,
-        pool: Pool,
+        nodes: Arc<Nodes>,
         path: WritePath,
         identity: Arc<Identity>,
         settings: watch::Receiver<ForwardSettings>,
@@ -161,7 +170,7 @@ impl Forwarder {
         METRICS.mysql_path(path.in_use(), None);
         let shared = Shared {
             wal,
-            pool,
+            nodes,
             path,
             identity,
             settings,
@@ -191,13 +200,13 @@ impl Forwarder {
                 }
             })
         };
+        let node_check = tokio::spawn(self.shared.clone().check_node_periodically());
         let _ = self.forward(&slots).await;
         catch_up.abort();
+        node_check.abort();
         // Let batches in flight finish or give up (they stop at their next wait).
         let _ = slots.acquire_many(self.parallel as u32).await;
-        if let Err(e) = self.shared.pool.clone().disconnect().await {
-            tracing::debug!(error = %e, "MySQL pool disconnect");
-        }
+        self.shared.nodes.disconnect().await;
         tracing::info!("MySQL forwarder stopped");
     }
 
@@ -316,10 +325,25 @@ impl Shared {
         }
     }
 
+    /// With several nodes: moves away from the node in use when it stops passing the check, even while its
+    /// writes still succeed (a donor or desynced node, with `avoid_desynced`).
+    async fn check_node_periodically(self: Arc<Self>) {
+        if !self.nodes.is_cluster() {
+            return;
+        }
+        while self.sleep(NODE_CHECK_EVERY).await.is_ok() {
+            let lease = self.nodes.lease();
+            if let Err(why) = self.nodes.check(&lease).await {
+                self.nodes.fail_over(&lease, &why).await;
+            }
+        }
+    }
+
     /// Records a watermark on its own (best effort: a lagging offset only means re-sending no-ops).
     async fn write_offset(&self, watermark: u64) {
+        let pool = self.nodes.lease().pool;
         let result = async {
-            let mut conn = self.pool.get_conn().await?;
+            let mut conn = pool.get_conn().await?;
             sql::record_offset(&mut conn, &self.identity, watermark).await
         };
         match tokio::time::timeout(self.settings().write_timeout, result).await {
@@ -337,10 +361,11 @@ impl Shared {
     async fn start_point(&self) -> Result<u64, Stopped> {
         let mut reported: Option<String> = None;
         loop {
-            let check = tokio::time::timeout(self.settings().write_timeout, self.check_schema_and_offset());
+            let lease = self.nodes.lease();
+            let check = tokio::time::timeout(self.settings().write_timeout, self.check_schema_and_offset(&lease));
             let mut shutdown = self.shutdown.clone();
             let result = tokio::select! {
-                result = check => result.unwrap_or_else(|_| Err(StartError::Unreachable("MySQL did not answer in time".into()))),
+                result = check => result.unwrap_or_else(|_| Err(StartError::Unreachable("MySQL did not answer in time".into(), lease.clone()))),
                 _ = shutdown.changed() => return Err(Stopped),
             };
             let problem = match result {
@@ -358,9 +383,11 @@ impl Shared {
                     tracing::info!(after_seq, run = self.identity.run_id(), "MySQL forwarding started");
                     return Ok(after_seq);
                 }
-                Err(StartError::Unreachable(error)) => {
-                    self.note_failure(&error);
-                    self.backoff().await?;
+                Err(StartError::Unreachable(error, lease)) => {
+                    if !self.nodes.fail_over(&lease, &error).await {
+                        self.note_failure(&error);
+                        self.backoff().await?;
+                    }
                     continue;
                 }
                 Err(StartError::Schema(problem)) => {
@@ -381,9 +408,16 @@ impl Shared {
     /// Once the schema is usable: the seq up to which earlier runs of this WAL committed, bounded by this
     /// run's first seq (see `identity`). Offsets of other agents, other WALs or records this run appended
     /// are never read, so they can never make the forwarder skip a record.
-    async fn check_schema_and_offset(&self) -> Result<u64, StartError> {
-        let unreachable = |e: mysql_async::Error| StartError::Unreachable(format!("cannot reach MySQL: {e}"));
-        let mut conn = self.pool.get_conn().await.map_err(unreachable)?;
+    async fn check_schema_and_offset(&self, lease: &Lease) -> Result<u64, StartError> {
+        let unreachable =
+            |e: mysql_async::Error| StartError::Unreachable(format!("cannot reach MySQL: {e}"), lease.clone());
+        self.nodes.check(lease).await.map_err(|why| {
+            StartError::Unreachable(
+                format!("MySQL node {} cannot take writes: {why}", self.nodes.current()),
+                lease.clone(),
+            )
+        })?;
+        let mut conn = lease.pool.get_conn().await.map_err(unreachable)?;
         match migrate::state(&mut conn).await {
             Ok(SchemaState::Current) => {}
             Ok(SchemaState::Behind(missing)) => {
@@ -422,6 +456,7 @@ impl Shared {
             }
         }
         let mut offset_written = 0;
+        let mut conflicts = 0;
         // Ranges still to write, in order. A data error splits its range until the bad record is alone.
         let mut pending = VecDeque::from([(0, rows.len())]);
         while let Some((lo, hi)) = pending.pop_front() {
@@ -429,7 +464,8 @@ impl Shared {
                 continue;
             }
             let started = Instant::now();
-            match self.write(first, &rows[lo..hi]).await {
+            let lease = self.nodes.lease();
+            match self.write(&lease, first, &rows[lo..hi]).await {
                 Ok(written) => {
                     self.end_outage();
                     METRICS.sink_wrote(SINK, hi - lo, started.elapsed());
@@ -449,8 +485,25 @@ impl Shared {
                     );
                 }
                 Err(WriteError::Transient(error)) => {
-                    self.note_failure(&error);
-                    self.backoff().await?;
+                    // Another node that passes the check takes the batch at once; none, and this is an outage.
+                    if !self.nodes.fail_over(&lease, &error).await {
+                        self.note_failure(&error);
+                        self.backoff().await?;
+                    }
+                    pending.push_front((lo, hi));
+                }
+                Err(WriteError::Conflict(error)) => {
+                    conflicts += 1;
+                    METRICS.mysql_conflict();
+                    tracing::info!(
+                        rows = hi - lo,
+                        first_seq = rows[lo].0.seq,
+                        conflicts,
+                        error,
+                        "MySQL transaction conflicted (deadlock, lock wait or Galera certification); retrying it"
+                    );
+                    let settings = self.settings();
+                    self.sleep(backoff_delay(conflicts - 1, settings.retry_initial, settings.retry_max)).await?;
                     pending.push_front((lo, hi));
                 }
                 Err(WriteError::Data(error) | WriteError::TooLarge(error)) if hi - lo == 1 => {
@@ -479,13 +532,13 @@ impl Shared {
     }
 
     /// One transaction: the rows, then the offset.
-    async fn write(&self, batch_first: u64, rows: &[(Record, Event)]) -> Result<Written, WriteError> {
+    async fn write(&self, lease: &Lease, batch_first: u64, rows: &[(Record, Event)]) -> Result<Written, WriteError> {
         let timeout = self.settings().write_timeout;
         let last = rows.last().map_or(0, |(r, _)| r.seq);
         let offset = || self.offset_for(batch_first, last);
         match tokio::time::timeout(
             timeout,
-            write_rows(&self.pool, &self.identity, rows, lock_wait(timeout), &self.path, offset),
+            write_rows(&lease.pool, &self.identity, rows, lock_wait(timeout), &self.path, offset),
         )
         .await
         {
@@ -544,15 +597,20 @@ impl Shared {
 fn classify(e: mysql_async::Error) -> WriteError {
     match &e {
         mysql_async::Error::Server(server) => match server.code {
-            // Packet too large.
+            // Packet too large; on Galera, a write set above wsrep_max_ws_size ("Got error 90 \"Message too
+            // long\" during COMMIT").
             1153 | 1301 => WriteError::TooLarge(e.to_string()),
+            1180 if server.message.contains("Message too long") => WriteError::TooLarge(e.to_string()),
+            // Deadlock (and Galera's certification failures and brute-force aborts, reported as one), lock
+            // wait timeout.
+            1213 | 1205 => WriteError::Conflict(e.to_string()),
             // Out of range, truncated, incorrect value, too long, NULL, bad datetime, bad JSON, CHECK failed,
             // incorrect string (charset).
             1048 | 1264 | 1265 | 1292 | 1366 | 1367 | 1406 | 1690 | 3140 | 3157 | 4025 | 3819 => {
                 WriteError::Data(e.to_string())
             }
-            // Deadlock, lock wait, server shutting down, too many connections, missing table (schema being
-            // changed) and everything unknown: retry. Dropping data on a guess is worse than waiting.
+            // Server shutting down, too many connections, a Galera node not ready (1047), missing table (schema
+            // being changed) and everything unknown: retry. Dropping data on a guess is worse than waiting.
             _ => WriteError::Transient(e.to_string()),
         },
         // mysql_async refuses, on the client side, a packet above the server's max_allowed_packet.
