@@ -42,6 +42,7 @@ impl GaleraDb {
         for node in 1..=3 {
             db.start_node(node);
             db.set_desync(node, false);
+            db.admin(node, "SET GLOBAL wsrep_max_ws_size = DEFAULT");
         }
         db.runtime.block_on(create_database(&db.servers[0], &db.name));
         Some(db)
@@ -121,6 +122,7 @@ impl Drop for GaleraDb {
             self.runtime.block_on(async {
                 if let Ok(mut conn) = mysql_async::Conn::new(mysql_async::Opts::from_url(&url).unwrap()).await {
                     let _ = conn.query_drop("SET GLOBAL wsrep_desync = OFF").await;
+                    let _ = conn.query_drop("SET GLOBAL wsrep_max_ws_size = DEFAULT").await;
                     let _ = conn.disconnect().await;
                 }
             });

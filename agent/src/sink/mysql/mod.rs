@@ -597,9 +597,10 @@ impl Shared {
 fn classify(e: mysql_async::Error) -> WriteError {
     match &e {
         mysql_async::Error::Server(server) => match server.code {
-            // Packet too large; on Galera, a write set above wsrep_max_ws_size ("Got error 90 \"Message too
-            // long\" during COMMIT").
+            // Packet too large; on Galera, a write set above wsrep_max_ws_size ("Maximum writeset size
+            // exceeded", or "Got error 90 \"Message too long\" during COMMIT").
             1153 | 1301 => WriteError::TooLarge(e.to_string()),
+            1105 if server.message.contains("writeset size exceeded") => WriteError::TooLarge(e.to_string()),
             1180 if server.message.contains("Message too long") => WriteError::TooLarge(e.to_string()),
             // Deadlock (and Galera's certification failures and brute-force aborts, reported as one), lock
             // wait timeout.
