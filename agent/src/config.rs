@@ -585,6 +585,18 @@ mod tests {
     }
 
     #[test]
+    fn mysql_takes_one_url_or_a_list_of_nodes() {
+        let error = |toml: &str| format!("{:#}", toml::from_str::<Config>(toml).unwrap().validate().unwrap_err());
+        assert!(error("[mysql]\npool_size = 2\n").contains("url (or urls, for a cluster) is required"));
+        assert!(error("[mysql]\nurl = \"mysql://a/t\"\nurls = [\"mysql://b/t\"]\n").contains("url or urls, not both"));
+        assert!(error("[mysql]\nurls = [\"mysql://a/t\", \"redis://b\"]\n")
+            .contains("`redis://b` must start with mysql://"));
+        let cluster: Config = toml::from_str("[mysql]\nurls = [\"mysql://a:1/t\", \"mysql://b:2/t\"]\n").unwrap();
+        cluster.validate().unwrap();
+        assert_eq!(cluster.mysql.unwrap().node_urls(), vec!["mysql://a:1/t", "mysql://b:2/t"]);
+    }
+
+    #[test]
     fn the_packaged_example_is_valid_and_shows_the_defaults() {
         let example: Config = toml::from_str(include_str!("../../packaging/agent.toml")).unwrap();
         example.validate().unwrap();
