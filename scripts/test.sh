@@ -16,6 +16,8 @@ need() { # tool, install command...
 }
 command -v systemd-analyze >/dev/null 2>&1 || need systemd-analyze install_packages systemd
 cargo deb --version >/dev/null 2>&1 || need cargo-deb cargo install cargo-deb --locked --quiet
+# The alert rules' unit tests (promtool) and the dashboard's test against a live Prometheus.
+command -v promtool >/dev/null 2>&1 || need prometheus install_packages prometheus
 # The Python client's tests and lint tools live in a venv under target/ (PyPI: requirements-dev.txt).
 # shellcheck source=scripts/pyvenv.sh
 source scripts/pyvenv.sh

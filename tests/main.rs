@@ -10,6 +10,7 @@ mod bulk;
 mod chaos;
 mod galera;
 mod hostile;
+mod monitoring;
 mod mysql;
 mod ops;
 mod packaging;

@@ -98,6 +98,9 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
         "./usr/share/doc/telemetry-agent/operations.md",
         "./usr/share/doc/telemetry-agent/protocol.md",
         "./usr/share/doc/telemetry-agent/dashboards.md",
+        "./usr/share/telemetry-agent/grafana/telemetry-agent.json",
+        "./usr/share/telemetry-agent/prometheus/telemetry-agent.rules.yml",
+        "./usr/share/telemetry-agent/prometheus/scrape.yml",
         "./usr/share/doc/telemetry-agent/spool.md",
         // The scripts' client: `import telemetry_agent` after apt install.
         "./usr/lib/python3/dist-packages/telemetry_agent/__init__.py",

@@ -307,7 +307,12 @@ impl Metrics {
     /// The sink is configured (it shows in `status` and `/metrics` before its first write).
     pub fn sink_enabled(&self, sink: crate::sink::Sink) {
         self.lock_health().entry(sink.name()).or_default();
-        self.sink_up.get_or_create(&SinkLabel { sink: sink.name() }).set(1);
+        let label = SinkLabel { sink: sink.name() };
+        self.sink_up.get_or_create(&label).set(1);
+        // At 0 from the start: a dashboard's rate() and an alert's increase() need the series before the
+        // first failure.
+        self.sink_retries.get_or_create(&label);
+        self.sink_outage_seconds.get_or_create(&label);
     }
 
     /// A write failed and will be retried.
