@@ -311,8 +311,8 @@ impl Metrics {
         self.sink_up.get_or_create(&label).set(1);
         // At 0 from the start: a dashboard's rate() and an alert's increase() need the series before the
         // first failure.
-        self.sink_retries.get_or_create(&label);
-        self.sink_outage_seconds.get_or_create(&label);
+        let _ = self.sink_retries.get_or_create(&label);
+        let _ = self.sink_outage_seconds.get_or_create(&label);
     }
 
     /// A write failed and will be retried.
