@@ -6,6 +6,8 @@
 #   BENCH_QUICK=1 scripts/bench.sh    # smoke test: everything shortened (about 3-5 minutes)
 #   scripts/bench.sh soak             # the soak run alone, then docs/soak.md and docs/soak.png (SOAK_SECS,
 #                                     # default 1800; see agent/benches/soak.rs)
+#   scripts/bench.sh fleet            # 1, 4 and 16 agents into MariaDB and into a 3-node Galera cluster that
+#                                     # it starts (scripts/galera.sh) and stops: docs/fleet.md's tables
 #
 # Makes sure MariaDB and Redis answer (scripts/services.sh, as the tests do) and installs redis-py for the
 # Python baseline when it is missing, sets up the Python client's venv (scripts/pyvenv.sh, as the tests do),
@@ -23,7 +25,17 @@ source scripts/services.sh
 if [ "${1:-}" = soak ]; then
     exec cargo bench -p telemetry-agent --bench soak
 fi
-[ $# -eq 0 ] || { echo "usage: scripts/bench.sh [soak]" >&2; exit 2; }
+if [ "${1:-}" = fleet ]; then
+    if [ -z "${TELEMETRY_TEST_GALERA_URLS:-}" ]; then
+        bash scripts/galera.sh start
+        trap 'bash scripts/galera.sh stop' EXIT
+        TELEMETRY_TEST_GALERA_URLS="$(bash scripts/galera.sh urls)"
+        export TELEMETRY_TEST_GALERA_URLS
+    fi
+    cargo bench -p telemetry-agent --bench fleet
+    exit 0
+fi
+[ $# -eq 0 ] || { echo "usage: scripts/bench.sh [soak|fleet]" >&2; exit 2; }
 
 if ! python3 -c 'import redis' >/dev/null 2>&1; then
     echo "bench: installing redis-py for the Python baseline of the Redis bench" >&2

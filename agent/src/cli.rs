@@ -274,14 +274,36 @@ async fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or SIGINT. The handlers are installed here, before the agent listens: installed when the
+/// future is first polled, a SIGTERM sent as soon as the socket answered could meet the default action and end
+/// the process with a signal instead of a clean stop.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let handlers = signal(SignalKind::terminate()).and_then(|term| Ok((term, signal(SignalKind::interrupt())?)));
+    async move {
+        let Ok((mut term, mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_sigterm_before_the_shutdown_future_is_polled_stops_cleanly_instead_of_ending_the_process() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let stopped = super::shutdown_signal();
+            // Not polled yet: only a handler that `shutdown_signal` itself installed stands between this signal
+            // and its default action, which ends the process.
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).unwrap();
+            let result = tokio::time::timeout(std::time::Duration::from_secs(10), stopped).await;
+            assert!(result.is_ok(), "the SIGTERM was not seen");
+        });
     }
 }
