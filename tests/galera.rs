@@ -230,7 +230,8 @@ fn a_batch_above_the_write_set_limit_is_split_not_refused() {
     assert!(migrate(&cluster.url(1)).status.success());
     // 64 KiB: a few hundred rows; the agent's batches reach 10,000 rows and 4 MiB.
     cluster.admin(1, "SET GLOBAL wsrep_max_ws_size = 65536");
-    let agent = Agent::start(&cluster.section(&[1, 2, 3]));
+    // A long linger: the 4,000 events go out as a few large batches however slowly the machine answers.
+    let agent = Agent::start(&cluster.section(&[1, 2, 3]).replace("max_linger_ms = 20\n", "max_linger_ms = 2000\n"));
     let lines: Vec<String> = (0..4000).map(|i| line("w", 0, i)).collect();
     let acked = agent.connect().send_all(&lines);
     wait_for_rows(&cluster, 1, acked.len() as u64, 60);
@@ -288,5 +289,26 @@ fn the_same_events_through_two_nodes_at_once_are_stored_once() {
         .collect();
     eprintln!("conflicts retried: {conflicts:?}");
     assert_eq!(conflicts.len(), 2, "both agents count conflicts in /metrics");
+    assert_exactly_once_on_every_node(&cluster, &acked);
+}
+
+#[test]
+fn an_error_every_node_would_give_is_waited_out_on_the_node_in_use() {
+    let Some(cluster) = GaleraDb::new() else { return };
+    assert!(migrate(&cluster.url(1)).status.success());
+    let agent = Agent::start(&cluster.section(&[1, 2, 3]));
+    let first: Vec<String> = (0..100).map(|i| line("e", 0, i)).collect();
+    let mut acked = agent.connect().send_all(&first);
+    wait_for_rows(&cluster, 1, acked.len() as u64, 60);
+    // A missing table fails the write on every node, and node 1 passes the check: moving would not help.
+    cluster.admin(1, &format!("RENAME TABLE {0}.dd_metrics TO {0}.dd_metrics_away", cluster.name));
+    let second: Vec<String> = (100..400).map(|i| line("e", 0, i)).collect();
+    acked.extend(agent.connect().send_all(&second));
+    agent.wait_for_log("MySQL unavailable", 30);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.admin(1, &format!("RENAME TABLE {0}.dd_metrics_away TO {0}.dd_metrics", cluster.name));
+    wait_for_rows(&cluster, 1, acked.len() as u64, 60);
+    assert_eq!(node_in_use(&agent), Some(node_name(&cluster, 1)));
+    assert!(!agent.log().contains("MySQL node unusable"), "{}", agent.log());
     assert_exactly_once_on_every_node(&cluster, &acked);
 }

@@ -214,6 +214,39 @@ fn paced_scripts(
         .collect()
 }
 
+/// Agents, each with its paced scripts running.
+struct Fleet {
+    agents: Vec<(Agent, SocketAddr)>,
+    stop: Arc<AtomicBool>,
+    senders: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// `agents` agents `{tag}-{i}` with `[mysql]` section `mysql(i)`, and their scripts sending.
+    fn start(tag: &str, agents: usize, mysql: impl Fn(usize) -> String, scripts: usize, rate: u64) -> Fleet {
+        let agents: Vec<(Agent, SocketAddr)> = (0..agents).map(|i| start(&format!("{tag}-{i}"), &mysql(i))).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let senders = agents
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (agent, _))| paced_scripts(&agent.socket, format!("{tag}-{i}"), scripts, rate, &stop))
+            .collect();
+        Fleet { agents, stop, senders }
+    }
+
+    fn metrics(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.agents.iter().map(|(_, metrics)| *metrics)
+    }
+
+    /// Stops the scripts, then the agents.
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for sender in self.senders {
+            let _ = sender.join();
+        }
+    }
+}
+
 struct FleetRun {
     rows_per_s: f64,
     worst_lag_p99: f64,
@@ -224,35 +257,24 @@ struct FleetRun {
 fn fleet_run(target: &Target, agents: usize, scripts: usize, rate: u64, secs: Duration) -> FleetRun {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let connections_before = connections(&runtime, &target.servers);
-    let tag = format!("f{agents}{}", fastrand::u32(..));
-    let fleet: Vec<(Agent, SocketAddr)> =
-        (0..agents).map(|i| start(&format!("fleet-{tag}-{i}"), &(target.sections)(i))).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = fleet
-        .iter()
-        .enumerate()
-        .flat_map(|(i, (agent, _))| paced_scripts(&agent.socket, format!("{tag}-{i}"), scripts, rate, &stop))
-        .collect();
+    let tag = format!("fleet{agents}-{}", fastrand::u32(..));
+    let fleet = Fleet::start(&tag, agents, &target.sections, scripts, rate);
     // Warm-up: connections made, first batches out.
     std::thread::sleep(Duration::from_secs(3));
-    let rows_before: f64 = fleet.iter().map(|(_, m)| rows_written(*m)).sum();
+    let rows_before: f64 = fleet.metrics().map(rows_written).sum();
     let started = Instant::now();
     let mut lags: Vec<Vec<u64>> = vec![Vec::new(); agents];
     let mut connections_max = 0;
     while started.elapsed() < secs {
         std::thread::sleep(Duration::from_millis(500));
-        for (i, (_, m)) in fleet.iter().enumerate() {
-            lags[i].push((lag_seconds(*m) * 1000.0) as u64);
+        for (i, metrics) in fleet.metrics().enumerate() {
+            lags[i].push((lag_seconds(metrics) * 1000.0) as u64);
         }
         connections_max = connections_max.max(connections(&runtime, &target.servers));
     }
-    let rows: f64 = fleet.iter().map(|(_, m)| rows_written(*m)).sum::<f64>() - rows_before;
+    let rows: f64 = fleet.metrics().map(rows_written).sum::<f64>() - rows_before;
     let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for sender in senders {
-        let _ = sender.join();
-    }
-    drop(fleet);
+    fleet.stop();
     let worst_lag_p99 = lags.iter().map(|l| percentile(l, 0.99)).fold(0.0, f64::max) / 1000.0;
     FleetRun { rows_per_s: rows / elapsed, worst_lag_p99, connections_before, connections_max }
 }
@@ -300,17 +322,10 @@ fn drain_run(backlog: usize, pool: usize, parallel: usize) -> f64 {
 /// `agents` agents writing through node 1, which is killed for `loss`, then restarted.
 fn node_loss_run(cluster: &GaleraDb, agents: usize, scripts: usize, rate: u64, loss: Duration, results: &mut Results) {
     let urls: Vec<String> = (1..=3).map(|node| cluster.url(node)).collect();
-    let tag = format!("loss{}", fastrand::u32(..));
-    let fleet: Vec<(Agent, SocketAddr)> =
-        (0..agents).map(|i| start(&format!("{tag}-{i}"), &section(&urls, ""))).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let senders: Vec<_> = fleet
-        .iter()
-        .enumerate()
-        .flat_map(|(i, (agent, _))| paced_scripts(&agent.socket, format!("{tag}-{i}"), scripts, rate, &stop))
-        .collect();
+    let tag = format!("loss-{}", fastrand::u32(..));
+    let fleet = Fleet::start(&tag, agents, |_| section(&urls, ""), scripts, rate);
     std::thread::sleep(Duration::from_secs(5));
-    let worst_lag = || fleet.iter().map(|(_, m)| lag_seconds(*m)).fold(0.0, f64::max);
+    let worst_lag = || fleet.metrics().map(lag_seconds).fold(0.0, f64::max);
     eprintln!("node loss: killing node 1 for {} s under {agents} agents", loss.as_secs());
     let killed = Instant::now();
     cluster.kill(1);
@@ -329,10 +344,7 @@ fn node_loss_run(cluster: &GaleraDb, agents: usize, scripts: usize, rate: u64, l
     let restarted = Instant::now();
     cluster.start_node(1);
     let rejoin = restarted.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for sender in senders {
-        let _ = sender.join();
-    }
+    fleet.stop();
     let caught_up = caught_up.map_or("not within the loss".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
     println!(
         "\n### Galera: node 1 lost for {} s under {agents} agents ({} events/s)\n",
@@ -346,5 +358,4 @@ fn node_loss_run(cluster: &GaleraDb, agents: usize, scripts: usize, rate: u64, l
         "kind": "fleet_node_loss", "agents": agents, "loss_secs": loss.as_secs(), "peak_lag_s": peak_lag,
         "caught_up": caught_up, "rejoin_s": rejoin.as_secs_f64(),
     }));
-    drop(fleet);
 }

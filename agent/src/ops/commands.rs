@@ -520,7 +520,7 @@ async fn replay(
             match result {
                 Ok(written) => break written,
                 // A cluster: the same rows again through the next usable node (re-sent rows are no-ops).
-                Err(e) if nodes.fail_over(&lease, &format!("{e:#}")).await => continue,
+                Err(e) if nodes.failed(&lease, &format!("{e:#}")).await => continue,
                 Err(e) => {
                     return Err(e).with_context(|| {
                         format!("writing seqs up to {last} failed; run the replay again with --from {again}")

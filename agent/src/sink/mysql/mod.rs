@@ -334,7 +334,7 @@ impl Shared {
         while self.sleep(NODE_CHECK_EVERY).await.is_ok() {
             let lease = self.nodes.lease();
             if let Err(why) = self.nodes.check(&lease).await {
-                self.nodes.fail_over(&lease, &why).await;
+                self.nodes.failed(&lease, &why).await;
             }
         }
     }
@@ -384,7 +384,7 @@ impl Shared {
                     return Ok(after_seq);
                 }
                 Err(StartError::Unreachable(error, lease)) => {
-                    if !self.nodes.fail_over(&lease, &error).await {
+                    if !self.nodes.failed(&lease, &error).await {
                         self.note_failure(&error);
                         self.backoff().await?;
                     }
@@ -485,8 +485,9 @@ impl Shared {
                     );
                 }
                 Err(WriteError::Transient(error)) => {
-                    // Another node that passes the check takes the batch at once; none, and this is an outage.
-                    if !self.nodes.fail_over(&lease, &error).await {
+                    // If the node fails the check, another that passes it takes the batch at once; otherwise this is
+                    // an outage.
+                    if !self.nodes.failed(&lease, &error).await {
                         self.note_failure(&error);
                         self.backoff().await?;
                     }

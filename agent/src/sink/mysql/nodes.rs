@@ -76,10 +76,26 @@ impl Nodes {
         check(&lease.pool, self.config.avoid_desynced).await
     }
 
-    /// The node behind `lease` failed with `error`. With more than one node, moves to the next one that passes
-    /// the check, trying each in turn after the failed one. Returns whether the node in use changed (or had
-    /// already changed since the lease): false when no other node is usable now, and the caller backs off.
-    pub async fn fail_over(&self, lease: &Lease, error: &str) -> bool {
+    /// A write through `lease` failed with `error`. With more than one node, and if its node fails the check
+    /// too, moves to the next node that passes it, trying each in turn. Returns whether the node in use changed
+    /// (or had already changed since the lease): false when the node passes the check (the error is not the
+    /// node's: a missing table, say, would fail on every node) or no other node is usable now; the caller then
+    /// backs off.
+    pub async fn failed(&self, lease: &Lease, error: &str) -> bool {
+        if self.lock().generation != lease.generation {
+            return true;
+        }
+        if !self.is_cluster() {
+            return false;
+        }
+        match self.check(lease).await {
+            Ok(()) => false,
+            Err(why) => self.fail_over(lease, &format!("{error}; then the check: {why}")).await,
+        }
+    }
+
+    /// Moves from the node behind `lease` to the next one that passes the check.
+    async fn fail_over(&self, lease: &Lease, error: &str) -> bool {
         let from = {
             let current = self.lock();
             if current.generation != lease.generation {
@@ -87,9 +103,6 @@ impl Nodes {
             }
             current.index
         };
-        if self.urls.len() < 2 {
-            return false;
-        }
         for step in 1..self.urls.len() {
             let index = (from + step) % self.urls.len();
             let Ok(candidate) = pool(&self.config, &self.urls[index]) else { continue };
@@ -134,7 +147,7 @@ impl Nodes {
         let lease = self.lease();
         match self.check(&lease).await {
             Ok(()) => Ok(lease.pool),
-            Err(why) if self.fail_over(&lease, &why).await => Ok(self.lease().pool),
+            Err(why) if self.is_cluster() && self.fail_over(&lease, &why).await => Ok(self.lease().pool),
             Err(why) => anyhow::bail!("MySQL at {} cannot take writes: {why}", self.current()),
         }
     }
