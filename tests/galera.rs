@@ -174,6 +174,7 @@ fn kill_9_of_the_node_in_use_loses_and_duplicates_nothing() {
     wait_for_rows(&cluster, 1, acked.len() as u64, 120);
     assert!(agent.log().contains("MySQL node unusable; writing through the next one"), "{}", agent.log());
     assert_exactly_once_on_every_node(&cluster, &acked);
+    eprintln!("galera: {} events acked through {rounds} kills; each once on every node, same checksums", acked.len());
 }
 
 #[test]
