@@ -224,7 +224,7 @@ async fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let Some(mysql) = &config.mysql else { bail!("the config has no [mysql] section: nothing to migrate") };
     let nodes = mysql_sink::Nodes::new(mysql)?;
     let result = async {
-        let pool = nodes.usable().await?;
+        let pool = nodes.usable().await.map_err(anyhow::Error::msg)?;
         let mut conn = pool.get_conn().await.with_context(|| format!("cannot connect to {}", nodes.current()))?;
         crate::migrate::migrate(&mut conn).await
     }

@@ -142,13 +142,14 @@ impl Nodes {
         false
     }
 
-    /// The pool of a node that passes the check now, for a one-off job (`migrate`).
-    pub async fn usable(&self) -> anyhow::Result<Pool> {
+    /// Checks the node in use and, when it fails, moves to the next one that passes: the pool of a usable node,
+    /// or why the node in use is not one (and no other is).
+    pub async fn usable(&self) -> Result<Pool, String> {
         let lease = self.lease();
         match self.check(&lease).await {
             Ok(()) => Ok(lease.pool),
             Err(why) if self.is_cluster() && self.fail_over(&lease, &why).await => Ok(self.lease().pool),
-            Err(why) => anyhow::bail!("MySQL at {} cannot take writes: {why}", self.current()),
+            Err(why) => Err(format!("MySQL at {} cannot take writes: {why}", self.current())),
         }
     }
 
