@@ -117,11 +117,13 @@ impl Agent {
             .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&self.socket).is_err() {
+        // Ready as systemd is told: the ingest socket is bound first, the control socket last.
+        let control = self.dir.path().join("control.sock");
+        while UnixStream::connect(&self.socket).is_err() || UnixStream::connect(&control).is_err() {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited at start with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "agent did not listen within 20 s");
+            assert!(Instant::now() < deadline, "agent did not listen on both sockets within 20 s");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
